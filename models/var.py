@@ -1,0 +1,177 @@
+"""VAR: a GPT-style transformer that predicts the token map of each scale from all coarser ones.
+
+Inference runs one scale at a time (`forward_scale`): the scale's tokens attend to themselves
+and to every earlier scale through a KV cache. Everything that depends only on the class
+label (the class embedding, every block's AdaLN scale/shift/gate, the head's AdaLN) is
+computed once per sample by `condition`, not once per scale. Parameter names follow the
+official checkpoints (var_d16.pth ... var_d30.pth, drafter_N.pth, refiner_N.pth).
+"""
+import math
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quant import PATCH_NUMS
+
+MAX_SCALE_MUL = math.log(100)  # the attention temperature exp(scale_mul) is capped at 100
+
+
+class KVCache:
+    """Keys and values of every block, allocated once at the size the run needs and written in place.
+
+    k, v: (depth, 2B, heads, positions, head_dim); both CFG halves are in the batch dimension.
+    """
+
+    def __init__(self, depth, batch, heads, positions, head_dim, dtype, device):
+        shape = (depth, batch, heads, positions, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, embed_dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x, k_cache, v_cache, begin, end):
+        """x (2B, l, C) holds the positions begin..end-1; they attend to positions 0..end-1."""
+        B2, L, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # keys have no bias
+        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B2, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # cosine attention: unit q and k, a learned per-head temperature instead of 1/sqrt(d)
+        q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
+        k = F.normalize(k, dim=-1)
+        k_cache[:, :, begin:end] = k
+        v_cache[:, :, begin:end] = v
+        out = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache[:, :, :end], v_cache[:, :, :end], scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(B2, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, embed_dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, embed_dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate='tanh'))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose LayerNorms are modulated by the class (AdaLN)."""
+
+    def __init__(self, embed_dim, num_heads, mlp_ratio, norm_eps):
+        super().__init__()
+        self.C = embed_dim
+        self.attn = SelfAttention(embed_dim, num_heads)
+        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio))
+        self.ln = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 6 * embed_dim))
+
+    def modulation(self, cond_BD):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+        return gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2
+
+    def forward(self, x, modulation, k_cache, v_cache, begin, end):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation
+        x = x + self.attn(self.ln(x).mul(scale1).add_(shift1), k_cache, v_cache, begin, end).mul_(gamma1)
+        return x + self.ffn(self.ln(x).mul(scale2).add_(shift2)).mul(gamma2)
+
+
+class HeadNorm(nn.Module):
+    def __init__(self, embed_dim, norm_eps):
+        super().__init__()
+        self.C = embed_dim
+        self.ln = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * embed_dim))
+
+    def modulation(self, cond_BD):
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return scale.add(1), shift
+
+    def forward(self, x, modulation):
+        scale, shift = modulation
+        return self.ln(x).mul(scale).add_(shift)
+
+
+@dataclass
+class Condition:
+    """What one batch of labels fixes for a whole run of one model (both CFG halves)."""
+    start: torch.Tensor                     # (2B, 1, C): scale 0's input
+    blocks: List[Tuple[torch.Tensor, ...]]  # per block: gamma1, gamma2, 1+scale1, 1+scale2, shift1, shift2
+    head: Tuple[torch.Tensor, torch.Tensor]  # 1+scale, shift of the head's AdaLN
+
+
+class VAR(nn.Module):
+    def __init__(self, depth=16, embed_dim=1024, num_heads=16, num_classes=1000, vocab_size=4096, Cvae=32,
+                 mlp_ratio=4.0, norm_eps=1e-6, patch_nums=PATCH_NUMS):
+        super().__init__()
+        assert embed_dim % num_heads == 0
+        self.config = dict(depth=depth, embed_dim=embed_dim, num_heads=num_heads, num_classes=num_classes,
+                           vocab_size=vocab_size, Cvae=Cvae, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
+                           patch_nums=tuple(patch_nums))
+        self.depth, self.C, self.num_heads, self.num_classes = depth, embed_dim, num_heads, num_classes
+        self.patch_nums = tuple(patch_nums)
+        self.L = sum(pn * pn for pn in self.patch_nums)
+        # begin_ends[si]: the positions of scale si in the 680-long sequence
+        ends = torch.tensor([pn * pn for pn in self.patch_nums]).cumsum(0).tolist()
+        self.begin_ends = [(e - pn * pn, e) for e, pn in zip(ends, self.patch_nums)]
+
+        self.word_embed = nn.Linear(Cvae, embed_dim)
+        self.class_emb = nn.Embedding(num_classes + 1, embed_dim)  # the last row is "no class" (CFG)
+        self.pos_start = nn.Parameter(torch.zeros(1, self.patch_nums[0] ** 2, embed_dim))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, self.L, embed_dim))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), embed_dim)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps) for _ in range(depth))
+        self.head_nm = HeadNorm(embed_dim, norm_eps)
+        self.head = nn.Linear(embed_dim, vocab_size)
+        self.register_buffer('scale_of_position', torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)]),
+                             persistent=False)
+
+    def derived_buffer_shapes(self):
+        """Buffers of the official checkpoints that this model derives instead of loading:
+        the scale index of each position, the training-time block-causal mask, and the
+        keys' all-zero bias."""
+        shapes = {'lvl_1L': (1, self.L), 'attn_bias_for_masking': (1, 1, self.L, self.L)}
+        shapes.update({f'blocks.{i}.attn.zero_k_bias': (self.C,) for i in range(self.depth)})
+        return shapes
+
+    def condition(self, labels_B) -> Condition:
+        uncond = torch.full_like(labels_B, self.num_classes)
+        cond_BD = self.class_emb(torch.cat((labels_B, uncond)))
+        lvl_pos = self.lvl_embed(self.scale_of_position[:1]).unsqueeze(0) + self.pos_1LC[:, :1]
+        start = cond_BD.unsqueeze(1) + self.pos_start.expand(cond_BD.shape[0], -1, -1) + lvl_pos
+        return Condition(start, [b.modulation(cond_BD) for b in self.blocks], self.head_nm.modulation(cond_BD))
+
+    def embed_input(self, si, x_BlCvae):
+        """The input of scale si >= 1 from the VQVAE's features (B, pn*pn, Cvae), for both CFG halves."""
+        begin, end = self.begin_ends[si]
+        lvl_pos = self.lvl_embed(self.scale_of_position[begin:end]).unsqueeze(0) + self.pos_1LC[:, begin:end]
+        return (self.word_embed(x_BlCvae) + lvl_pos).repeat(2, 1, 1)
+
+    def new_cache(self, batch2, num_scales, dtype, device) -> KVCache:
+        """A cache for both CFG halves and the positions of the first num_scales scales."""
+        positions = self.begin_ends[num_scales - 1][1]
+        return KVCache(self.depth, batch2, self.num_heads, positions, self.C // self.num_heads, dtype, device)
+
+    def forward_scale(self, si, x, cond: Condition, cache: KVCache):
+        """Run scale si's input (2B, pn*pn, C) through every block; returns the hidden states."""
+        begin, end = self.begin_ends[si]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond.blocks[i], cache.k[i], cache.v[i], begin, end)
+        return x
+
+    def logits(self, h, cond: Condition):
+        return self.head(self.head_nm(h.float(), cond.head).float()).float()
