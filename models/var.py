@@ -6,6 +6,7 @@ label (the class embedding, every block's AdaLN scale/shift/gate, the head's Ada
 computed once per sample by `condition`, not once per scale. Parameter names follow the
 official checkpoints (var_d16.pth ... var_d30.pth, drafter_N.pth, refiner_N.pth).
 """
+import itertools
 import math
 from dataclasses import dataclass
 from typing import List, Tuple
@@ -126,7 +127,7 @@ class VAR(nn.Module):
         self.patch_nums = tuple(patch_nums)
         self.L = sum(pn * pn for pn in self.patch_nums)
         # begin_ends[si]: the positions of scale si in the 680-long sequence
-        ends = torch.tensor([pn * pn for pn in self.patch_nums]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(pn * pn for pn in self.patch_nums))
         self.begin_ends = [(e - pn * pn, e) for e, pn in zip(ends, self.patch_nums)]
 
         self.word_embed = nn.Linear(Cvae, embed_dim)
@@ -137,8 +138,6 @@ class VAR(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps) for _ in range(depth))
         self.head_nm = HeadNorm(embed_dim, norm_eps)
         self.head = nn.Linear(embed_dim, vocab_size)
-        self.register_buffer('scale_of_position', torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)]),
-                             persistent=False)
 
     def derived_buffer_shapes(self):
         """Buffers of the official checkpoints that this model derives instead of loading:
@@ -151,15 +150,17 @@ class VAR(nn.Module):
     def condition(self, labels_B) -> Condition:
         uncond = torch.full_like(labels_B, self.num_classes)
         cond_BD = self.class_emb(torch.cat((labels_B, uncond)))
-        lvl_pos = self.lvl_embed(self.scale_of_position[:1]).unsqueeze(0) + self.pos_1LC[:, :1]
-        start = cond_BD.unsqueeze(1) + self.pos_start.expand(cond_BD.shape[0], -1, -1) + lvl_pos
+        start = cond_BD.unsqueeze(1) + self.pos_start.expand(cond_BD.shape[0], -1, -1) + self.level_position(0)
         return Condition(start, [b.modulation(cond_BD) for b in self.blocks], self.head_nm.modulation(cond_BD))
+
+    def level_position(self, si):
+        """Level (scale) embedding plus absolute position embedding of scale si's positions: (1, pn*pn, C)."""
+        begin, end = self.begin_ends[si]
+        return self.lvl_embed.weight[si] + self.pos_1LC[:, begin:end]
 
     def embed_input(self, si, x_BlCvae):
         """The input of scale si >= 1 from the VQVAE's features (B, pn*pn, Cvae), for both CFG halves."""
-        begin, end = self.begin_ends[si]
-        lvl_pos = self.lvl_embed(self.scale_of_position[begin:end]).unsqueeze(0) + self.pos_1LC[:, begin:end]
-        return (self.word_embed(x_BlCvae) + lvl_pos).repeat(2, 1, 1)
+        return (self.word_embed(x_BlCvae) + self.level_position(si)).repeat(2, 1, 1)
 
     def new_cache(self, batch2, num_scales, dtype, device) -> KVCache:
         """A cache for both CFG halves and the positions of the first num_scales scales."""

@@ -1,0 +1,39 @@
+"""CoDe: a large VAR (the drafter) samples the first --draft_steps scales, a small VAR (the
+refiner) takes that token prefix and samples the rest; class-conditional 256x256 ImageNet.
+
+Writes a grid PNG (--output, default output_code.png) and, with --save_npz, the tokens, labels
+and images. Prints the time of each repetition and the peak memory, to compare with
+infer_original.py.
+"""
+from models import code_schedule
+from utils.checkpoints import code_paths, load_vae, load_var, vae_path
+from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_output_flags, add_runtime_flags, add_sampling_flags,
+                       check_sampling, main_guard, runtime)
+from utils.infer import check_outputs, run
+
+
+def parser():
+    p = Parser(description=__doc__.split('\n\n')[0])
+    add_code_model_flags(p, draft_steps_max=9)
+    add_sampling_flags(p, cfg=4.0, top_k='600', top_p=0.95, temp=CODE_TEMP)
+    add_runtime_flags(p)
+    add_output_flags(p, 'output_code.png')
+    return p
+
+
+def main():
+    args = parser().parse_args()
+    check_sampling(args, draft_steps_max=9, hub=not (args.drafter_ckpt and args.refiner_ckpt))
+    check_outputs(args)
+    device, dtype = runtime(args)
+    drafter_file, refiner_file = code_paths(args.drafter_ckpt, args.refiner_ckpt, args.drafter_depth, args.refiner_depth,
+                                            args.draft_steps, args.training_free)
+    drafter = load_var(drafter_file, device, '--drafter_depth', args.drafter_depth or (None if args.drafter_ckpt else 30))
+    refiner = load_var(refiner_file, device, '--refiner_depth', args.refiner_depth or (None if args.refiner_ckpt else 16))
+    vae = load_vae(vae_path(args.vae_ckpt), device)
+    run(args, code_schedule(drafter, refiner, args.draft_steps), vae, device, dtype,
+        f'CoDe: VAR-d{drafter.depth} drafts {args.draft_steps} scales, VAR-d{refiner.depth} refines')
+
+
+if __name__ == '__main__':
+    main_guard(main)

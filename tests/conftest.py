@@ -1,0 +1,32 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # the fixtures were made with 2 threads
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def models():
+    return tiny.tiny_vae(), tiny.tiny_drafter(), tiny.tiny_refiner()
+
+
+@pytest.fixture(scope='session')
+def checkpoints(tmp_path_factory):
+    return tiny.save_checkpoints(tmp_path_factory.mktemp('checkpoints'))
+
+
+@pytest.fixture(scope='session')
+def golden():
+    return json.loads((FIXTURES / 'cases.json').read_text()), np.load(FIXTURES / 'expected.npz')

@@ -1,0 +1,175 @@
+"""Checkpoints: download from the Hugging Face hub, read safely, infer the architecture from the
+tensors, and load with an exact key-and-shape check.
+
+Official files: FoundationVision/var holds the VQVAE and VAR-d16/20/24/30; Zigeng/VAR_CoDe holds
+the fine-tuned CoDe pairs (a d30 drafter and a d16 refiner for 6, 7, 8 and 9 draft steps).
+"""
+import os
+import re
+import zipfile
+
+import torch
+
+from models import VAR, VQVAE
+from models.quant import PATCH_NUMS
+
+from .errors import UserError
+
+VAR_REPO, CODE_REPO = 'FoundationVision/var', 'Zigeng/VAR_CoDe'
+VAE_FILE = 'vae_ch160v4096z32.pth'
+HUB_DEPTHS = (16, 20, 24, 30)
+CODE_DRAFTER_DEPTH, CODE_REFINER_DEPTH, CODE_DRAFT_STEPS = 30, 16, (6, 7, 8, 9)
+
+
+def _first_sentence(e: Exception) -> str:
+    text = ' '.join(str(e).split())
+    return f'{type(e).__name__}: {text.split(". ")[0][:160]}' if text else type(e).__name__
+
+
+def download(repo_id: str, filename: str, flag: str) -> str:
+    """Path of repo_id/filename in the Hugging Face cache, downloading it if needed
+    (HF_HUB_OFFLINE, HF_ENDPOINT and HF_HOME are honoured by huggingface_hub)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line message
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename)
+    except Exception as e:  # network, offline mode, missing file, auth: one message for all
+        raise UserError(f'could not get {filename} from the Hugging Face repo {repo_id} ({_first_sentence(e)}); '
+                        f'download it yourself and pass its path with {flag}') from None
+
+
+def read_state_dict(path: str) -> dict:
+    """Tensors of a checkpoint file, never unpickling code (weights_only=True)."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint not found: {path}')
+    try:
+        # mmap keeps a 8 GB file out of RAM until its tensors are used (zip format only)
+        sd = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({_first_sentence(e)})') from None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f'{path} does not hold a state dict of tensors')
+    return sd
+
+
+def _kind(sd):
+    if 'quantize.embedding.weight' in sd:
+        return 'VQVAE'
+    if 'class_emb.weight' in sd:
+        return 'VAR'
+    return 'unknown'
+
+
+def _require(sd, path, kind):
+    if _kind(sd) != kind:
+        found = _kind(sd)
+        raise UserError(f'{path} is {"a " + found if found != "unknown" else "not a VAR or VQVAE"} checkpoint, expected a {kind} one')
+
+
+def var_config(sd: dict, path: str) -> dict:
+    """VAR hyperparameters read off the tensors, so that any size loads."""
+    try:
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r'blocks\.(\d+)\.', k)))
+        classes, width = sd['class_emb.weight'].shape
+        config = dict(depth=depth, embed_dim=width, num_heads=sd['blocks.0.attn.scale_mul_1H11'].shape[1],
+                      num_classes=classes - 1, vocab_size=sd['head.weight'].shape[0], Cvae=sd['word_embed.weight'].shape[1],
+                      mlp_ratio=sd['blocks.0.ffn.fc1.weight'].shape[0] / width)
+        positions = sd['pos_1LC'].shape[1]
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(f'{path} is not a VAR checkpoint of the official architecture (missing {e})') from None
+    if positions != sum(pn * pn for pn in PATCH_NUMS):
+        raise UserError(f'{path} has {positions} token positions; only the 256x256 model (680 positions) is supported')
+    return config
+
+
+def vae_config(sd: dict, path: str) -> dict:
+    try:
+        vocab, Cvae = sd['quantize.embedding.weight'].shape
+        ch = sd['encoder.conv_in.weight'].shape[0]
+        levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r'encoder\.down\.(\d+)\.', k)))
+        ch_mult = tuple(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels))
+        share = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r'quantize\.quant_resi\.qresi_ls\.(\d+)\.', k)))
+    except (KeyError, ValueError) as e:
+        raise UserError(f'{path} is not a VQVAE checkpoint of the official architecture (missing {e})') from None
+    return dict(vocab_size=vocab, Cvae=Cvae, ch=ch, ch_mult=ch_mult, share_quant_resi=share)
+
+
+def layout(model) -> dict:
+    """Every key and shape of the model's official checkpoint: its parameters plus the buffers
+    the official code saved and this code derives (model.derived_buffer_shapes)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes.update(model.derived_buffer_shapes())
+    return shapes
+
+
+def load_into(model, sd: dict, path: str):
+    """Load sd into model (built on the meta device) after checking keys and shapes exactly.
+    The buffers the model derives are checked when the file has them, then dropped explicitly."""
+    want, derived = layout(model), model.derived_buffer_shapes()
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    # derived buffers may be absent (files saved by this code); present, they must have the official shape
+    missing, unexpected = sorted(want.keys() - have.keys() - derived.keys()), sorted(have.keys() - want.keys())
+    wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+    if missing or unexpected or wrong:
+        parts = [f'{name}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
+                 for name, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)) if keys]
+        raise UserError(f'{path} does not match the model it describes ({"; ".join(parts)})')
+    model.load_state_dict({k: v for k, v in sd.items() if k not in derived}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(path: str, device) -> VQVAE:
+    sd = read_state_dict(path)
+    _require(sd, path, 'VQVAE')
+    with torch.device('meta'):
+        model = VQVAE(**vae_config(sd, path))
+    return load_into(model, sd, path).to(device)
+
+
+def load_var(path: str, device, depth_flag: str = '--depth', depth=None) -> VAR:
+    """A VAR of whatever size the file holds; depth, when given, must agree with it."""
+    sd = read_state_dict(path)
+    _require(sd, path, 'VAR')
+    config = var_config(sd, path)
+    if depth is not None and depth != config['depth']:
+        raise UserError(f'{depth_flag} {depth} disagrees with {path}, which holds a depth-{config["depth"]} VAR')
+    with torch.device('meta'):
+        model = VAR(**config)
+    return load_into(model, sd, path).to(device)
+
+
+def vae_path(local):
+    return local or download(VAR_REPO, VAE_FILE, '--vae_ckpt')
+
+
+def var_path(local, depth, flag):
+    """Local path, or the official var_d{depth}.pth from the hub."""
+    if local:
+        return local
+    if depth not in HUB_DEPTHS:
+        raise UserError(f'there is no official VAR of depth {depth} to download (choose from {", ".join(map(str, HUB_DEPTHS))}), '
+                        f'or pass a local file with {flag}')
+    return download(VAR_REPO, f'var_d{depth}.pth', flag)
+
+
+def code_paths(drafter_ckpt, refiner_ckpt, drafter_depth, refiner_depth, draft_steps, training_free):
+    """Paths of the drafter and refiner. Fine-tuned pairs exist only for a d30 drafter, a d16 refiner and
+    6-9 draft steps; any other combination needs --training_free (the official VAR weights) or local
+    files. Checked before anything is downloaded."""
+    drafter_depth = CODE_DRAFTER_DEPTH if drafter_depth is None else drafter_depth
+    refiner_depth = CODE_REFINER_DEPTH if refiner_depth is None else refiner_depth
+    if training_free:
+        paths = [(drafter_ckpt, drafter_depth, '--drafter_ckpt'), (refiner_ckpt, refiner_depth, '--refiner_ckpt')]
+        for local, depth, flag in paths:  # validate both before downloading either
+            if not local and depth not in HUB_DEPTHS:
+                var_path(local, depth, flag)
+        return [var_path(*p) for p in paths]
+    needs_hub = not (drafter_ckpt and refiner_ckpt)
+    if needs_hub and (drafter_depth, refiner_depth) != (CODE_DRAFTER_DEPTH, CODE_REFINER_DEPTH) or \
+            needs_hub and draft_steps not in CODE_DRAFT_STEPS:
+        raise UserError(f'fine-tuned CoDe weights exist only for a d{CODE_DRAFTER_DEPTH} drafter, a d{CODE_REFINER_DEPTH} refiner '
+                        f'and --draft_steps 6-9 (asked: d{drafter_depth}, d{refiner_depth}, {draft_steps}); '
+                        f'add --training_free to use the official VAR weights, or pass --drafter_ckpt and --refiner_ckpt')
+    return [drafter_ckpt or download(CODE_REPO, f'drafter_{draft_steps}.pth', '--drafter_ckpt'),
+            refiner_ckpt or download(CODE_REPO, f'refiner_{draft_steps}.pth', '--refiner_ckpt')]

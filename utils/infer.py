@@ -1,0 +1,44 @@
+"""The body infer_original.py and infer_CoDe.py share: time the sampling, report memory, write the outputs."""
+import numpy as np
+import torch
+
+from models import generate
+
+from . import io, timing
+from .cli import autocast, check_labels, check_top_k, check_writable
+from .errors import UserError
+
+
+def check_outputs(args):
+    io.check_image_path(args.output, '--output')
+    check_writable(args.output, '--output')
+    if args.save_npz:
+        check_writable(args.save_npz, '--save_npz')
+    if args.repeats < 1:
+        raise UserError(f'--repeats must be >= 1, got {args.repeats}')
+
+
+def run(args, schedule, vae, device, dtype, what):
+    """Sample args.class_labels --repeats times (same seed each time, as the reference) and save the last."""
+    model = schedule[0].model
+    check_labels(args.class_labels, model.num_classes)
+    check_top_k(args.top_k, vae.vocab_size)
+    labels = torch.tensor(args.class_labels, device=device)
+    print(f'{what}: batch {len(labels)}, seed {args.seed}, cfg {args.cfg}, device {device}, {str(dtype).removeprefix("torch.")}')
+    timing.reset_peak_memory(device)
+    with torch.inference_mode(), autocast(device, dtype):
+        for r in range(args.repeats):
+            with timing.Timer(device) as t:
+                tokens, f_hat = generate(schedule, vae, labels, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                                         top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
+                images = vae.decode(f_hat)
+            print(f'run {r + 1}/{args.repeats}: {t.ms:.0f} ms for {len(labels)} images (VQVAE decode included)')
+    mib, kind = timing.peak_memory(device)
+    print(f'peak memory: {mib:.0f} MiB ({kind})')
+    images = io.to_uint8(images.float())
+    io.save_image(io.grid(images), args.output)
+    print(f'images saved to {args.output}')
+    if args.save_npz:
+        io.save_npz(args.save_npz, tokens=tokens.to(torch.int32).cpu().numpy(),
+                    labels=np.asarray(args.class_labels, dtype=np.int64), images=images)
+        print(f'tokens, labels and images saved to {args.save_npz}')
