@@ -11,7 +11,7 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .var import VAR
+from .var import VAR, GrowingKVCache
 from .vqvae import VQVAE
 
 
@@ -29,11 +29,10 @@ def code_schedule(drafter: VAR, refiner: VAR, draft_steps: int) -> List[Stage]:
 
 
 def filter_logits_(logits_BlV, top_k: int, top_p: float):
-    """Top-k then top-p (nucleus) filtering, in place, as the reference does; 0 switches a filter off.
-
-    Top-k keeps every logit >= the k-th largest (ties kept). Top-p sorts what is left ascending and
-    drops the longest prefix whose probability mass is <= 1 - top_p, always keeping the top token.
-    """
+    """Top-k then top-p (nucleus) filtering over the whole vocabulary, in place, as the reference
+    does; 0 switches a filter off. Top-k keeps every logit >= the k-th largest (ties kept). Top-p
+    sorts what is left ascending and drops the longest prefix whose probability mass is <= 1 - top_p,
+    always keeping the top token."""
     if top_k > 0:
         kth = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
@@ -45,29 +44,52 @@ def filter_logits_(logits_BlV, top_k: int, top_p: float):
     return logits_BlV
 
 
-def sample_from_probs(probs_NV, generator):
-    """One categorical sample per row, drawn exactly as torch.multinomial(probs, 1) draws it:
-    argmax(p / q) with q ~ Exp(1), one draw per vocabulary entry. Written out so that no host
-    sync happens (multinomial checks its input with .item()); the stream use depends only on
-    the shape, which is what lets a refiner continue the drafter's generator."""
-    q = torch.empty_like(probs_NV).exponential_(generator=generator)
-    return (probs_NV / q).argmax(dim=-1)
+def exponential_noise(shape_like, generator):
+    """q ~ Exp(1), one per vocabulary entry: torch.multinomial(p, 1) returns argmax(p / q) with
+    exactly this draw. The stream use depends only on the shape, which is what lets a refiner
+    continue the drafter's generator."""
+    return torch.empty_like(shape_like).exponential_(generator=generator)
 
 
-def sample_tokens(logits_BlV, top_k: int, top_p: float, temp: float, generator):
-    """Filtered, tempered sampling of one token per position; returns tokens (B, l).
-    logits_BlV is filtered in place (more_smooth reads the filtered logits)."""
+def sample_full(logits_BlV, top_k: int, top_p: float, temp: float, generator):
+    """The straightforward sampler: filter the whole vocabulary (in place: --more_smooth reads the
+    filtered logits), temper, draw. Draws what torch.multinomial draws, without its host sync."""
     B, l, V = logits_BlV.shape
-    filter_logits_(logits_BlV, top_k, top_p)
-    probs = (logits_BlV / temp).softmax(dim=-1).view(-1, V)
-    return sample_from_probs(probs, generator).view(B, l)
+    probs = (filter_logits_(logits_BlV, top_k, top_p) / temp).softmax(dim=-1).view(-1, V)
+    return (probs / exponential_noise(probs, generator)).argmax(dim=-1).view(B, l)
+
+
+def sample_top_k(logits_BlV, top_k: int, top_p: float, temp: float, generator):
+    """The same draw as sample_full, computed on the k survivors of top-k instead of the whole
+    vocabulary: no sort of 4096 logits per token. The noise is still drawn for every vocabulary
+    entry so the random stream (and so every later token) stays the reference's.
+    (Logits tied with the k-th largest: the reference keeps them all, this keeps k.)"""
+    B, l, V = logits_BlV.shape
+    logits = logits_BlV.view(-1, V)
+    vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)  # descending
+    if top_p > 0:
+        ascending = vals.flip(-1)
+        drop = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop[:, -1] = False
+        vals = vals.masked_fill(drop.flip(-1), -torch.inf)
+    probs = (vals / temp).softmax(dim=-1)
+    noise = exponential_noise(logits, generator).gather(-1, idx)
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)
+    return idx.gather(-1, choice).view(B, l)
+
+
+def sample_tokens(logits_BlV, top_k: int, top_p: float, temp: float, generator, fast=True):
+    """One token per position (B, l): top-k, top-p, temperature, categorical draw."""
+    if fast and 0 < top_k < logits_BlV.shape[-1]:
+        return sample_top_k(logits_BlV, top_k, top_p, temp, generator)
+    return sample_full(logits_BlV, top_k, top_p, temp, generator)
 
 
 def smooth_embedding(logits_BlV, ratio: float, codebook_VC, generator):
     """--more_smooth: a Gumbel-softmax mixture of codebook vectors instead of the sampled token's
-    (for visualisation only; never used for FID)."""
+    (for visualisation only; never used for FID). Reads the filtered logits."""
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-    gumbels = -torch.empty_like(logits_BlV).exponential_(generator=generator).log()
+    gumbels = -exponential_noise(logits_BlV, generator).log()
     return ((logits_BlV.mul(1 + ratio) + gumbels) / tau).softmax(dim=-1) @ codebook_VC.unsqueeze(0)
 
 
@@ -79,13 +101,17 @@ def _per_scale(value, n):
 
 @torch.inference_mode()
 def generate(schedule: Sequence[Stage], vae: VQVAE, labels_B, *, seed: Optional[int], cfg: float,
-             top_k=0, top_p=0.0, temp=1.0, more_smooth=False, known=None, generator=None):
+             top_k=0, top_p=0.0, temp=1.0, more_smooth=False, known=None, generator=None,
+             fast=True, on_scale=None):
     """Sample the token maps of all scales for the labels; returns (tokens (B, L), f_hat (B, Cvae, 16, 16)).
 
     top_k and temp are one value or one per scale. CFG strength grows linearly with the scale:
     logits = (1 + t) * cond - t * uncond, t = cfg * si / (S - 1).
     known = (f_hats, keep) pins the kept region of f_hat to an input image's features at every
     scale (inpainting; f_hats[si] is (B, Cvae, 16, 16), keep is a bool (B, 1, 16, 16)).
+    fast=False runs the straightforward computation instead (the reference's growing cache, the
+    class projections recomputed every scale, full-vocabulary sampling): same tokens, slower.
+    on_scale(stage_index, si, prefill) is called after each scale (benchmark.py times scales with it).
     """
     patch_nums = vae.patch_nums
     S = len(patch_nums)
@@ -101,29 +127,36 @@ def generate(schedule: Sequence[Stage], vae: VQVAE, labels_B, *, seed: Optional[
     inputs = [None]   # inputs[si]: scale si's input in VQVAE space (B, pn*pn, Cvae); scale 0 starts from the class
     tokens = []
     first = 0
-    for model, stop in schedule:
-        cond = model.condition(labels_B)
-        cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else cond.start.dtype
-        cache = model.new_cache(2 * B, stop, cache_dtype, device)
+    for stage, (model, stop) in enumerate(schedule):
+        if fast:
+            cond = model.condition(labels_B)  # once per sample: class embedding and every AdaLN projection
+            autocast = torch.is_autocast_enabled(device.type)
+            cache = model.new_cache(2 * B, stop, torch.get_autocast_dtype(device.type) if autocast else cond.start.dtype, device)
+        else:
+            cache = GrowingKVCache(model.depth)
         for si in range(stop):
+            if not fast:
+                cond = model.condition(labels_B)  # the reference recomputes these every scale
             x = cond.start if si == 0 else model.embed_input(si, inputs[si])
-            h = model.forward_scale(si, x, cond, cache)
-            if si < first:
-                continue  # prefill: these scales were decided by an earlier model
-            logits = model.logits(h, cond)
-            t = cfg * (si / (S - 1))
-            logits = (1 + t) * logits[:B] - t * logits[B:]
-            idx_Bl = sample_tokens(logits, top_k[si], top_p, temp[si], generator)
+            if si < first:  # prefill: a scale an earlier model decided; only this model's cache needs it
+                model.step(si, x, cond, cache)
+                if on_scale:
+                    on_scale(stage, si, True)
+                continue
+            logits = model.step(si, x, cond, cache, cfg * (si / (S - 1)))
+            idx_Bl = sample_tokens(logits, top_k[si], top_p, temp[si], generator, fast=fast and not more_smooth)
             tokens.append(idx_Bl)
-            pn = patch_nums[si]
             if more_smooth:
                 h_BlC = smooth_embedding(logits, si / (S - 1), codebook, generator)
             else:
                 h_BlC = vae.quantize.embedding(idx_Bl)
+            pn = patch_nums[si]
             h_BChw = h_BlC.transpose(1, 2).reshape(B, vae.Cvae, pn, pn)
             nxt = vae.quantize.add_scale(si, f_hat, h_BChw, None if known is None else (known[0][si], known[1]))
             if nxt is not None:
                 inputs.append(nxt.view(B, vae.Cvae, -1).transpose(1, 2))
+            if on_scale:
+                on_scale(stage, si, False)
         del cache, cond  # free this model's cache before the next model allocates its own
         first = stop
     return torch.cat(tokens, dim=1), f_hat

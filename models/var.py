@@ -23,17 +23,43 @@ MAX_SCALE_MUL = math.log(100)  # the attention temperature exp(scale_mul) is cap
 class KVCache:
     """Keys and values of every block, allocated once at the size the run needs and written in place.
 
-    k, v: (depth, 2B, heads, positions, head_dim); both CFG halves are in the batch dimension.
+    k, v: (depth, 2B, heads, positions, head_dim); both CFG halves share the batch dimension.
     """
 
     def __init__(self, depth, batch, heads, positions, head_dim, dtype, device):
         shape = (depth, batch, heads, positions, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        if self.k.is_cuda:  # fixed addresses across calls, so captured CUDA graphs can write in place
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     @property
     def nbytes(self):
-        return self.k.numel() * self.k.element_size() * 2
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def update(self, i, begin, end, k, v):
+        """Store block i's keys and values of positions begin..end-1; return those of 0..end-1."""
+        self.k[i, :, :, begin:end] = k
+        self.v[i, :, :, begin:end] = v
+        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+
+
+class GrowingKVCache:
+    """The reference's cache, kept as the baseline that benchmark.py and the tests compare with:
+    every scale concatenates, copying the whole cache (and holding two copies at the peak)."""
+
+    def __init__(self, depth):
+        self.k, self.v = [None] * depth, [None] * depth
+
+    @property
+    def nbytes(self):
+        return sum(2 * t.numel() * t.element_size() for t in self.k if t is not None)
+
+    def update(self, i, begin, end, k, v):
+        self.k[i] = k if self.k[i] is None else torch.cat((self.k[i], k), dim=2)
+        self.v[i] = v if self.v[i] is None else torch.cat((self.v[i], v), dim=2)
+        return self.k[i], self.v[i]
 
 
 class SelfAttention(nn.Module):
@@ -46,17 +72,16 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x, k_cache, v_cache, begin, end):
-        """x (2B, l, C) holds the positions begin..end-1; they attend to positions 0..end-1."""
+    def forward(self, x, cache, i, begin, end):
+        """x (2B, l, C) holds the positions begin..end-1; they attend to positions 0..end-1 through block i's cache."""
         B2, L, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # keys have no bias
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B2, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # cosine attention: unit q and k, a learned per-head temperature instead of 1/sqrt(d)
         q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
         k = F.normalize(k, dim=-1)
-        k_cache[:, :, begin:end] = k
-        v_cache[:, :, begin:end] = v
-        out = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache[:, :, :end], v_cache[:, :, :end], scale=1.0)
+        k_all, v_all = cache.update(i, begin, end, k, v)
+        out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B2, L, C))
 
 
@@ -85,9 +110,9 @@ class Block(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
         return gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2
 
-    def forward(self, x, modulation, k_cache, v_cache, begin, end):
+    def forward(self, x, modulation, cache, i, begin, end):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation
-        x = x + self.attn(self.ln(x).mul(scale1).add_(shift1), k_cache, v_cache, begin, end).mul_(gamma1)
+        x = x + self.attn(self.ln(x).mul(scale1).add_(shift1), cache, i, begin, end).mul_(gamma1)
         return x + self.ffn(self.ln(x).mul(scale2).add_(shift2)).mul(gamma2)
 
 
@@ -167,12 +192,32 @@ class VAR(nn.Module):
         positions = self.begin_ends[num_scales - 1][1]
         return KVCache(self.depth, batch2, self.num_heads, positions, self.C // self.num_heads, dtype, device)
 
-    def forward_scale(self, si, x, cond: Condition, cache: KVCache):
+    def forward_scale(self, si, x, cond: Condition, cache):
         """Run scale si's input (2B, pn*pn, C) through every block; returns the hidden states."""
         begin, end = self.begin_ends[si]
         for i, block in enumerate(self.blocks):
-            x = block(x, cond.blocks[i], cache.k[i], cache.v[i], begin, end)
+            x = block(x, cond.blocks[i], cache, i, begin, end)
         return x
 
     def logits(self, h, cond: Condition):
         return self.head(self.head_nm(h.float(), cond.head).float()).float()
+
+    def step(self, si, x, cond: Condition, cache, cfg_t=None):
+        """One fixed-shape scale: blocks, head and guidance, (B, pn*pn, V) logits; cfg_t None = prefill
+        (fill the cache only). This is the unit compile() captures, one graph per scale."""
+        h = self.forward_scale(si, x, cond, cache)
+        if cfg_t is None:
+            return None
+        logits = self.logits(h, cond)
+        B = logits.shape[0] // 2
+        return (1 + cfg_t) * logits[:B] - cfg_t * logits[B:]
+
+
+def compile_steps(model: VAR):
+    """Compile model.step with CUDA graphs (torch.compile mode='reduce-overhead'): every scale has
+    fixed shapes, so each (scale, batch size) is captured once and replayed without launch overhead."""
+    import torch._dynamo
+    # one graph per (model, scale, prefill or not, batch size, cache size): far more than the default 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+    model.step = torch.compile(model.step, mode='reduce-overhead', fullgraph=True, dynamic=False)
+    return model

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import Stage, code_schedule, generate
-from models.sampling import filter_logits_, sample_from_probs, sample_tokens
+from models.sampling import filter_logits_, sample_full, sample_tokens, sample_top_k
 
 NEG = -math.inf
 
@@ -39,14 +39,28 @@ def test_zero_switches_both_filters_off():
 def test_draws_are_torch_multinomials_and_use_the_stream_the_same_way():
     """Our sync-free draw must pick what torch.multinomial picks and leave the generator where it
     leaves it: that is what reproduces the reference and lets a refiner continue its stream."""
-    probs = torch.rand(64, 4096).pow(8)
-    probs[:, 100:] *= (torch.rand(64, 4096 - 100) > 0.5)
+    logits = torch.randn(2, 32, 4096) * 3
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    for _ in range(3):
-        ours = sample_from_probs(probs, g1)
-        theirs = torch.multinomial(probs, 1, generator=g2)[:, 0]
+    for top_k, top_p, temp in ((0, 0.0, 1.0), (600, 0.95, 1.1), (0, 0.5, 0.8)):
+        ours = sample_full(logits.clone(), top_k, top_p, temp, g1)
+        probs = (filter_logits_(logits.clone(), top_k, top_p) / temp).softmax(-1).view(-1, 4096)
+        theirs = torch.multinomial(probs, 1, generator=g2).view(2, 32)
         assert torch.equal(ours, theirs)
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize('top_k,top_p,temp', [(1, 0.0, 1.0), (50, 0.0, 1.0), (600, 0.95, 1.1), (900, 0.96, 1.0),
+                                              (600, 0.3, 0.7), (4000, 0.99, 1.3)])
+def test_sampling_on_the_top_k_survivors_equals_the_full_vocabulary(top_k, top_p, temp):
+    """The fast sampler must draw the very tokens the straightforward one draws, and leave the
+    generator in the same state."""
+    logits = torch.randn(3, 200, 4096) * 4
+    g_fast, g_full = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    for _ in range(2):
+        fast = sample_top_k(logits.clone(), top_k, top_p, temp, g_fast)
+        full = sample_full(logits.clone(), top_k, top_p, temp, g_full)
+        assert torch.equal(fast, full)
+    assert torch.equal(g_fast.get_state(), g_full.get_state())
 
 
 def test_frequencies_follow_the_tempered_filtered_distribution():
