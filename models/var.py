@@ -216,8 +216,11 @@ class VAR(nn.Module):
 def compile_steps(model: VAR):
     """Compile model.step with CUDA graphs (torch.compile mode='reduce-overhead'): every scale has
     fixed shapes, so each (scale, batch size) is captured once and replayed without launch overhead."""
+    if getattr(model, 'compiled', False):
+        return model
     import torch._dynamo
     # one graph per (model, scale, prefill or not, batch size, cache size): far more than the default 8
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
     model.step = torch.compile(model.step, mode='reduce-overhead', fullgraph=True, dynamic=False)
+    model.compiled = True
     return model

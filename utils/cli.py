@@ -28,7 +28,7 @@ def main_guard(main):
         sys.exit(2)
 
 
-def _list(kind, name):
+def comma_list(kind, name):
     def parse(text):
         try:
             return [kind(v) for v in text.split(',') if v.strip() != '']
@@ -50,14 +50,14 @@ def add_sampling_flags(p, cfg, top_k, top_p, temp=None, seed=42, labels=DEFAULT_
     """temp=None: no --temp flag (plain VAR has none) and --top_k is one value; else both are per scale."""
     g = p.add_argument_group('sampling')
     if labels is not None:
-        g.add_argument('--class_labels', type=_list(int, '--class_labels'), default=labels, help='comma-separated ImageNet classes')
+        g.add_argument('--class_labels', type=comma_list(int, '--class_labels'), default=labels, help='comma-separated ImageNet classes')
     g.add_argument('--seed', type=int, default=seed, help=f'seed of the sampling generator (default {seed})')
     g.add_argument('--cfg', type=float, default=cfg, help=f'classifier-free guidance strength, reached at the last scale (default {cfg})')
-    g.add_argument('--top_k', type=_list(int, '--top_k'), default=top_k,
+    g.add_argument('--top_k', type=comma_list(int, '--top_k'), default=top_k,
                    help=f'keep the k most likely tokens, 0 = off; {"one value or 10 (one per scale)" if temp else "one value"} (default {top_k})')
     g.add_argument('--top_p', type=float, default=top_p, help=f'nucleus sampling mass in [0, 1], 0 = off (default {top_p})')
     if temp is not None:
-        g.add_argument('--temp', type=_list(float, '--temp'), default=temp, help=f'temperature, one value or 10 (default {temp})')
+        g.add_argument('--temp', type=comma_list(float, '--temp'), default=temp, help=f'temperature, one value or 10 (default {temp})')
     g.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax smoothing of each scale (visualisation only, not for FID)')
 
 
@@ -66,6 +66,8 @@ def add_runtime_flags(p):
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda, cuda:N or cpu (default: cuda if available)')
     g.add_argument('--dtype', choices=list(DTYPES), default=None, help='autocast precision (default fp16 on CUDA, as the reference; fp32 on CPU)')
     g.add_argument('--vae_ckpt', default=None, help='local VQVAE checkpoint (default: vae_ch160v4096z32.pth from the hub)')
+    g.add_argument('--compile', action='store_true', help='capture each scale as a CUDA graph (torch.compile, reduce-overhead); '
+                   'the first batch pays the compilation; off on CPU')
 
 
 def add_code_model_flags(p, draft_steps_max):
@@ -131,6 +133,9 @@ def runtime(args):
     if device.type not in ('cuda', 'cpu'):
         raise UserError(f'--device {args.device}: only cuda and cpu are supported')
     dtype = DTYPES[args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')]
+    if getattr(args, 'compile', False) and device.type != 'cuda':
+        print('note: --compile is off on CPU (it captures CUDA graphs); running eagerly')
+        args.compile = False
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32  # as the reference in half precision; exact in fp32
         torch.backends.cudnn.allow_tf32 = dtype != torch.float32

@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 from models import generate
+from models.var import compile_steps
 
 from . import io, timing
 from .cli import autocast, check_labels, check_top_k, check_writable
@@ -22,6 +23,9 @@ def run(args, schedule, vae, device, dtype, what):
     """Sample args.class_labels --repeats times (same seed each time, as the reference) and save the last."""
     model = schedule[0].model
     check_labels(args.class_labels, model.num_classes)
+    if args.compile:
+        for stage in schedule:
+            compile_steps(stage.model)
     check_top_k(args.top_k, vae.vocab_size)
     labels = torch.tensor(args.class_labels, device=device)
     print(f'{what}: batch {len(labels)}, seed {args.seed}, cfg {args.cfg}, device {device}, {str(dtype).removeprefix("torch.")}')
@@ -32,7 +36,8 @@ def run(args, schedule, vae, device, dtype, what):
                 tokens, f_hat = generate(schedule, vae, labels, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
                                          top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
                 images = vae.decode(f_hat)
-            print(f'run {r + 1}/{args.repeats}: {t.ms:.0f} ms for {len(labels)} images (VQVAE decode included)')
+            note = ' (includes compilation)' if args.compile and r == 0 else ''
+            print(f'run {r + 1}/{args.repeats}: {t.ms:.0f} ms for {len(labels)} images (VQVAE decode included){note}')
     mib, kind = timing.peak_memory(device)
     print(f'peak memory: {mib:.0f} MiB ({kind})')
     images = io.to_uint8(images.float())

@@ -7,26 +7,49 @@ import time
 import torch
 
 
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == 'cuda'
+class Clock:
+    """Timestamps that do not stop the GPU: CUDA events on a GPU (read after synchronize),
+    perf_counter on a CPU."""
 
-    def __enter__(self):
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == 'cuda'
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+        return len(self.marks) - 1
+
+    def synchronize(self):
         if self.cuda:
             torch.cuda.synchronize()
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
+
+    def ms(self, i, j):
+        """Milliseconds from mark i to mark j (after synchronize)."""
+        if self.cuda:
+            return self.marks[i].elapsed_time(self.marks[j])
+        return (self.marks[j] - self.marks[i]) * 1000
+
+
+class Timer:
+    """with Timer(device) as t: ...; t.ms is the synchronised wall time of the block."""
+
+    def __init__(self, device):
+        self.clock = Clock(device)
+
+    def __enter__(self):
+        self.clock.synchronize()
+        self.clock.mark()
         return self
 
     def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.ms = self.start.elapsed_time(self.end)
-        else:
-            self.ms = (time.perf_counter() - self.t0) * 1000
+        self.clock.mark()
+        self.clock.synchronize()
+        self.ms = self.clock.ms(0, 1)
 
 
 def reset_peak_memory(device):

@@ -1,0 +1,90 @@
+"""benchmark.py's counting (FLOPs, cache bytes) against independent counts, and a small run end to end.
+Speed itself is measured by benchmark.py, never asserted here."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import benchmark
+from conftest import ROOT
+from models import VAR, VQVAE, Stage, code_schedule, generate
+
+
+def math_attention(q, k, v, scale=None, **_):
+    """Attention as plain matmuls, so that FlopCounterMode counts it (it does not see the CPU kernel)."""
+    return ((q @ k.transpose(-1, -2)) * scale).softmax(-1) @ v
+
+
+@pytest.mark.parametrize('n', [10, 8, 3])
+def test_flop_formula_equals_torchs_count_of_a_real_run(models, monkeypatch, n):
+    vae, drafter, refiner = models
+    schedule = code_schedule(drafter, refiner, n)
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', math_attention)
+    with FlopCounterMode(display=False) as counter:
+        generate(schedule, vae, torch.tensor([1, 2, 3]), seed=0, cfg=1.5, top_k=600, top_p=0.96)
+    assert benchmark.sampling_flops(schedule, 3)['total'] == counter.get_total_flops()
+
+
+def test_real_size_flops_match_the_architectures_floor():
+    """Per 256x256 image, both CFG halves: VAR-d30 3.79 TFLOP, CoDe N=8 1.98 (drafter 1.38 +
+    refiner 0.60), N=6 1.09, VQVAE decode 0.39 (the figures worked out in the fast-path issue)."""
+    with torch.device('meta'):
+        d30, d16 = VAR(depth=30, embed_dim=1920, num_heads=30), VAR(depth=16, embed_dim=1024, num_heads=16)
+        vae = VQVAE()
+    tflop = lambda schedule: benchmark.sampling_flops(schedule, 1)['total'] / 1e12
+    assert tflop([Stage(d30, 10)]) == pytest.approx(3.79, rel=0.01)
+    assert tflop(code_schedule(d30, d16, 8)) == pytest.approx(1.98, rel=0.01)
+    assert tflop([Stage(d30, 8)]) == pytest.approx(1.38, rel=0.01)
+    assert tflop(code_schedule(d30, d16, 6)) == pytest.approx(1.09, rel=0.01)
+    assert benchmark.decode_flops(vae, 1) / 1e12 == pytest.approx(0.39, rel=0.01)
+    assert benchmark.decode_flops(vae, 4) == 4 * benchmark.decode_flops(vae, 1)
+
+
+def test_kv_cache_figure_is_the_largest_cache_alive(models, monkeypatch):
+    vae, drafter, refiner = models
+    from models import var as var_module
+    sizes = []
+    original = var_module.KVCache.__init__
+
+    def record(self, *a):
+        original(self, *a)
+        sizes.append(self.nbytes)
+
+    monkeypatch.setattr(var_module.KVCache, '__init__', record)
+    schedule = code_schedule(drafter, refiner, 7)
+    generate(schedule, vae, torch.tensor([4, 5]), seed=0, cfg=1.5, top_k=600, top_p=0.96)
+    assert benchmark.kv_cache_bytes(schedule, 2, torch.float32) == max(sizes)
+
+
+def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    out = tmp_path / 'b.json'
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmark.py'), '--random_weights', '--device', 'cpu', '--drafter_depth', '2',
+                        '--refiner_depth', '1', '--vae_ch', '32', '--batch_sizes', '1,2', '--modes', 'original,8', '--warmup', '0',
+                        '--repeats', '1', '--paths', 'fast,straightforward', '--json', str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('Latency per batch')
+    report = json.loads(out.read_text())
+    rows = report['results']
+    assert [(x['path'], x['mode'], x['batch']) for x in rows] == [
+        (p, m, b) for p in ('fast', 'straightforward') for m in ('original', '8') for b in (1, 2)]
+    for x in rows:
+        assert x['ms_min'] <= x['ms'] <= x['ms_max'] and x['ms_with_decode'] > x['ms']
+        assert x['images_per_s'] == pytest.approx(x['batch'] / x['ms'] * 1000)
+        assert x['speedup'] == pytest.approx(1.0 if x['mode'] == 'original' else rows[rows.index(x) - 2]['ms'] / x['ms'])
+        roles = [s['role'] for s in x['scale_ms']]
+        assert roles == (['drafter'] * 10 if x['mode'] == 'original' else ['drafter'] * 8 + ['refiner'] * 10)
+        assert [s['prefill'] for s in x['scale_ms'] if s['role'] == 'refiner'] == [True] * 8 + [False] * 2 or x['mode'] == 'original'
+    assert report['meta']['torch'] == torch.__version__
+
+
+@pytest.mark.parametrize('args,message', [(['--modes', 'original,12'], "'12' is neither"),
+                                          (['--paths', 'slow'], '--paths takes'),
+                                          (['--batch_sizes', '0'], 'must be positive')])
+def test_benchmark_bad_input(args, message, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / 'benchmark.py'), '--random_weights', '--device', 'cpu', *args],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count('\n') == 1
