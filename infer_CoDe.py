@@ -6,7 +6,7 @@ and images. Prints the time of each repetition and the peak memory, to compare w
 infer_original.py.
 """
 from models import code_schedule
-from utils.checkpoints import code_paths, load_vae, load_var, vae_path
+from utils.checkpoints import load_code_models, load_vae, vae_path
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_output_flags, add_runtime_flags, add_sampling_flags,
                        check_sampling, main_guard, runtime)
 from utils.infer import check_outputs, run
@@ -26,10 +26,7 @@ def main():
     check_sampling(args, draft_steps_max=9, hub=not (args.drafter_ckpt and args.refiner_ckpt))
     check_outputs(args)
     device, dtype = runtime(args)
-    drafter_file, refiner_file = code_paths(args.drafter_ckpt, args.refiner_ckpt, args.drafter_depth, args.refiner_depth,
-                                            args.draft_steps, args.training_free)
-    drafter = load_var(drafter_file, device, '--drafter_depth', args.drafter_depth or (None if args.drafter_ckpt else 30))
-    refiner = load_var(refiner_file, device, '--refiner_depth', args.refiner_depth or (None if args.refiner_ckpt else 16))
+    drafter, refiner = load_code_models(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
     run(args, code_schedule(drafter, refiner, args.draft_steps), vae, device, dtype,
         f'CoDe: VAR-d{drafter.depth} drafts {args.draft_steps} scales, VAR-d{refiner.depth} refines')

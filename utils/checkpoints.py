@@ -173,3 +173,16 @@ def code_paths(drafter_ckpt, refiner_ckpt, drafter_depth, refiner_depth, draft_s
                         f'add --training_free to use the official VAR weights, or pass --drafter_ckpt and --refiner_ckpt')
     return [drafter_ckpt or download(CODE_REPO, f'drafter_{draft_steps}.pth', '--drafter_ckpt'),
             refiner_ckpt or download(CODE_REPO, f'refiner_{draft_steps}.pth', '--refiner_ckpt')]
+
+
+def load_code_models(args, device):
+    """(drafter, refiner) from the CoDe flags; refiner is None when --draft_steps is 10 (the
+    drafter alone: plain VAR, whose weights are the official var_d{depth}.pth)."""
+    if args.draft_steps >= 10:
+        depth = args.drafter_depth or (None if args.drafter_ckpt else CODE_DRAFTER_DEPTH)
+        return load_var(var_path(args.drafter_ckpt, depth, '--drafter_ckpt'), device, '--drafter_depth', depth), None
+    drafter_file, refiner_file = code_paths(args.drafter_ckpt, args.refiner_ckpt, args.drafter_depth, args.refiner_depth,
+                                            args.draft_steps, args.training_free)
+    drafter = load_var(drafter_file, device, '--drafter_depth', args.drafter_depth or (None if args.drafter_ckpt else CODE_DRAFTER_DEPTH))
+    refiner = load_var(refiner_file, device, '--refiner_depth', args.refiner_depth or (None if args.refiner_ckpt else CODE_REFINER_DEPTH))
+    return drafter, refiner

@@ -1,0 +1,257 @@
+"""Sample images for FID: --images_per_class images of every class into DIR.npz (`arr_0`, uint8,
+N x 256 x 256 x 3, class-major; `labels`), the input of OpenAI's guided-diffusion evaluator.
+
+    python sample_CoDe.py --output_path samples/code_n8                  # 50,000 images, CoDe N=8
+    torchrun --nproc_per_node=8 sample_CoDe.py --output_path samples/code_n8
+    python sample_CoDe.py --draft_steps 10 --top_k 900 --temp 1.0 --output_path samples/var_d30
+
+Work happens in DIR/: every finished batch is saved there at once, so a crashed or killed run,
+rerun with the same command, continues where it stopped (DIR/manifest.json keeps the settings and
+refuses a rerun that changes them). Seeds: image j of every class is sampled by a generator seeded
+with seed + j; a batch holds image j of up to --batch_size consecutive classes. With --batch_size 1
+and --seed 0 this is the reference sample_CoDe.py's procedure exactly.
+"""
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import code_schedule, generate
+from models.var import compile_steps
+from utils import distributed, io
+from utils.checkpoints import CODE_DRAFTER_DEPTH, CODE_REFINER_DEPTH, load_code_models, load_vae, vae_path
+from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
+                       check_sampling, check_top_k, main_guard, runtime)
+from utils.errors import UserError
+
+IMAGE_BYTES = 256 * 256 * 3
+
+
+def parser():
+    p = Parser(description=__doc__.split('\n\n')[0])
+    add_code_model_flags(p, draft_steps_max=10)
+    add_sampling_flags(p, cfg=1.5, top_k='600', top_p=0.96, temp=CODE_TEMP, seed=0, labels=None)
+    add_runtime_flags(p)
+    g = p.add_argument_group('output')
+    g.add_argument('--output_path', required=True, help='work folder DIR; the result is DIR.npz')
+    g.add_argument('--images_per_class', type=int, default=50, help='default 50 (50,000 images for 1,000 classes)')
+    g.add_argument('--classes', default='0-999', help='a range A-B (inclusive) or a comma list (default 0-999)')
+    g.add_argument('--batch_size', type=int, default=32, help='images per batch (default 32); part of what the samples depend on')
+    g.add_argument('--save_png', action='store_true', help='also write DIR/{class}_{j}.png')
+    return p
+
+
+def parse_classes(text):
+    try:
+        if '-' in text.strip()[1:]:
+            a, b = text.split('-')
+            classes = list(range(int(a), int(b) + 1))
+        else:
+            classes = [int(c) for c in text.split(',') if c.strip()]
+    except ValueError:
+        raise UserError(f'--classes takes a range A-B or a comma list of ints, got {text!r}') from None
+    if not classes:
+        raise UserError(f'--classes {text!r} selects no class')
+    if len(set(classes)) != len(classes):
+        raise UserError('--classes lists a class twice')
+    return classes
+
+
+def plan(classes, n, batch_size):
+    """Batches of (j, classes): image j of up to batch_size consecutive classes, j-major."""
+    return [(j, classes[i:i + batch_size]) for j in range(n) for i in range(0, len(classes), batch_size)]
+
+
+def batch_name(j, first_class):
+    return f'{j:05d}_{first_class:05d}'
+
+
+def manifest_of(args, drafter, refiner, vae, dtype, device):
+    describe = lambda path, depth: os.path.abspath(path) if path else f'hub:d{depth}'
+    return dict(
+        classes=args.classes, images_per_class=args.images_per_class, batch_size=args.batch_size, seed=args.seed,
+        cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
+        draft_steps=args.draft_steps, training_free=args.training_free,
+        drafter=describe(args.drafter_ckpt, drafter.depth), drafter_depth=drafter.depth,
+        refiner=None if refiner is None else describe(args.refiner_ckpt, refiner.depth),
+        refiner_depth=None if refiner is None else refiner.depth,
+        vae=describe(args.vae_ckpt, 'vae'), dtype=str(dtype).removeprefix('torch.'), device=device.type)
+
+
+def check_manifest(folder, manifest):
+    """A rerun in DIR must use the settings DIR's samples were made with."""
+    path = os.path.join(folder, 'manifest.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        differ = [k for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k)]
+        if differ:
+            k = differ[0]
+            raise UserError(f'{folder} holds a run with other settings ({", ".join(differ)}; e.g. {k}: {old.get(k)!r} there, '
+                            f'{manifest.get(k)!r} now); use another --output_path or the same settings')
+
+
+def create_workdir(folder, manifest):
+    path = os.path.join(folder, 'manifest.json')
+    os.makedirs(os.path.join(folder, 'batches'), exist_ok=True)
+    if not os.path.exists(path):
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, path)
+
+
+def done_batches(folder):
+    return {f[:-4] for f in os.listdir(os.path.join(folder, 'batches')) if f.endswith('.npy')}
+
+
+class Writer:
+    """Saves finished batches on a thread, off the GPU's path; a batch file appears whole or not at all."""
+
+    def __init__(self, folder, save_png):
+        self.folder, self.save_png = folder, save_png
+        self.queue, self.error = queue.Queue(maxsize=4), None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def put(self, name, j, classes, images):
+        if self.error:
+            raise self.error
+        self.queue.put((name, j, classes, images))
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            name, j, classes, images = item
+            try:
+                if self.save_png:
+                    for c, img in zip(classes, images):
+                        io.save_image(img, os.path.join(self.folder, f'{c}_{j}.png'))
+                path = os.path.join(self.folder, 'batches', name + '.npy')
+                with open(path + '.tmp', 'wb') as f:
+                    np.save(f, images)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(path + '.tmp', path)
+            except Exception as e:  # reported on the next put or at close
+                self.error = e
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def assemble(folder, classes, n, batch_size, npz_path):
+    """DIR.npz, class-major, streamed from the batch files; checked before it is reported done."""
+    index = {}
+    for j, chunk in plan(classes, n, batch_size):
+        for row, c in enumerate(chunk):
+            index[(c, j)] = (batch_name(j, chunk[0]), row)
+    files = {}
+
+    def rows():
+        for c in classes:
+            for j in range(n):
+                name, row = index[(c, j)]
+                if name not in files:
+                    files[name] = np.load(os.path.join(folder, 'batches', name + '.npy'), mmap_mode='r')
+                yield files[name][row:row + 1]
+
+    labels = np.repeat(np.asarray(classes, dtype=np.int64), n)
+    io.write_npz_streaming(npz_path, {'arr_0': ((len(labels), 256, 256, 3), np.uint8, rows()), 'labels': (labels.shape, np.int64, [labels])})
+    shape, dtype = io.npz_array_header(npz_path, 'arr_0')
+    saved = np.load(npz_path)['labels']
+    counts = np.bincount(saved, minlength=max(classes) + 1)[classes]
+    if shape != (len(labels), 256, 256, 3) or dtype != np.uint8 or not (counts == n).all() or not np.array_equal(saved, labels):
+        raise RuntimeError(f'{npz_path} failed its check: shape {shape}, dtype {dtype}, per-class counts {sorted(set(counts.tolist()))}')
+
+
+def check_disk(folder, remaining_images, total_images, save_png):
+    """Room for the batches still to sample, their PNGs (at most raw size) and the npz built from them."""
+    need = (remaining_images * (2 if save_png else 1) + total_images) * IMAGE_BYTES * 1.02
+    free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(folder)).free
+    if free < need:
+        raise UserError(f'{folder}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed for the batches and the npz '
+                        f'({total_images} images of 256x256)')
+
+
+def main():
+    args = parser().parse_args()
+    args.classes = parse_classes(args.classes)
+    check_sampling(args, draft_steps_max=10)
+    if not args.drafter_ckpt:  # the official models have 1000 classes: say so before downloading them
+        check_labels(args.classes, 1000, '--classes')
+    if args.images_per_class < 1 or args.batch_size < 1:
+        raise UserError('--images_per_class and --batch_size must be >= 1')
+    folder = os.path.abspath(args.output_path.rstrip('/'))
+    npz_path = folder + '.npz'
+    parent = os.path.dirname(folder)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f'--output_path {args.output_path}: cannot write in {parent}')
+    device, dtype = runtime(args)
+    rank, world, device = distributed.setup(device)
+    try:
+        sample(args, folder, npz_path, rank, world, device, dtype)
+    finally:
+        distributed.teardown()
+
+
+def sample(args, folder, npz_path, rank, world, device, dtype):
+    say = print if rank == 0 else (lambda *a, **k: None)
+    drafter, refiner = load_code_models(args, device)
+    vae = load_vae(vae_path(args.vae_ckpt), device)
+    check_labels(args.classes, drafter.num_classes, '--classes')
+    check_top_k(args.top_k, vae.vocab_size)
+    batches = plan(args.classes, args.images_per_class, args.batch_size)
+    total = len(args.classes) * args.images_per_class
+    manifest = manifest_of(args, drafter, refiner, vae, dtype, device)
+    check_manifest(folder, manifest)  # every rank checks, so that a refusal stops them all
+    done = done_batches(folder) if os.path.isdir(os.path.join(folder, 'batches')) else set()
+    todo = [(i, j, chunk) for i, (j, chunk) in enumerate(batches) if batch_name(j, chunk[0]) not in done]
+    remaining = sum(len(chunk) for _, _, chunk in todo)
+    check_disk(folder, remaining, total, args.save_png)
+    if rank == 0:
+        create_workdir(folder, manifest)
+    distributed.barrier()
+    what = f'VAR-d{drafter.depth} alone' if refiner is None else f'CoDe: VAR-d{drafter.depth} drafts {args.draft_steps} scales, VAR-d{refiner.depth} refines'
+    say(f'{what}; {total} images ({len(args.classes)} classes x {args.images_per_class}), batch {args.batch_size}, '
+        f'{world} process(es); {total - remaining} already done')
+    schedule = code_schedule(drafter, refiner, args.draft_steps)  # 10: the drafter alone
+    if args.compile:
+        for stage in schedule:
+            compile_steps(stage.model)
+    writer = Writer(folder, args.save_png)
+    progress = tqdm(total=total, initial=total - remaining, unit='img', disable=rank != 0, smoothing=0.05)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), autocast(device, dtype):
+            for i, j, chunk in todo:
+                if i % world != rank:
+                    continue
+                labels = torch.tensor(chunk, device=device)
+                _, f_hat = generate(schedule, vae, labels, seed=args.seed + j, cfg=args.cfg, top_k=args.top_k,
+                                    top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
+                writer.put(batch_name(j, chunk[0]), j, chunk, io.to_uint8(vae.decode(f_hat).float()))
+                progress.update(min(len(chunk) * world, total - progress.n))  # other ranks progress alike
+    finally:
+        writer.close()
+        progress.close()
+    distributed.barrier()
+    if rank == 0:
+        missing = [batch_name(j, c[0]) for j, c in batches if batch_name(j, c[0]) not in done_batches(folder)]
+        if missing:
+            raise RuntimeError(f'{len(missing)} batches missing after sampling, e.g. {missing[0]}')
+        assemble(folder, args.classes, args.images_per_class, args.batch_size, npz_path)
+        wall = time.perf_counter() - start
+        say(f'done: {total} images ({remaining} sampled now) in {wall:.1f} s, {remaining / wall:.2f} images/s; {npz_path}')
+
+
+if __name__ == '__main__':
+    main_guard(main)
