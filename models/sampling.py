@@ -10,6 +10,7 @@ generator carries on across the handoff, so the stream is the one a single model
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .var import VAR, GrowingKVCache
 from .vqvae import VQVAE
@@ -91,6 +92,17 @@ def smooth_embedding(logits_BlV, ratio: float, codebook_VC, generator):
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
     gumbels = -exponential_noise(logits_BlV, generator).log()
     return ((logits_BlV.mul(1 + ratio) + gumbels) / tau).softmax(dim=-1) @ codebook_VC.unsqueeze(0)
+
+
+def known_region(vae: VQVAE, images_B3HW, regenerate_B1HW):
+    """What inpainting keeps: the input images' accumulated features after every scale and, at
+    16x16, where they are kept (the complement of the region to regenerate, nearest-resized as the
+    reference does). images in [-1, 1]; regenerate is 1 where new content is sampled.
+    Returns the `known` argument of generate()."""
+    _, f_hats = vae.encode(images_B3HW)
+    side = vae.patch_nums[-1]
+    keep = F.interpolate(1 - regenerate_B1HW.float(), size=(side, side), mode='nearest') > 0.5
+    return f_hats, keep
 
 
 def _per_scale(value, n):

@@ -71,3 +71,39 @@ def npz_array_header(path, name):
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(f)
     return shape, dtype
+
+
+def _fit(img, size, resample):
+    """Shorter side to size, then the centred size x size square."""
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(path, size=256):
+    """An image file as RGB uint8 (size, size, 3): shorter side resized to size (bicubic), centre crop.
+    Also returns the file's own (width, height)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert('RGB')
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    return np.asarray(_fit(img, size, Image.BICUBIC)), img.size
+
+
+def load_mask(path, image_sizes, size=256):
+    """A mask image (white = regenerate) as bool (size, size). It must be size x size, or the size of
+    every input image, in which case it is resized and cropped as they are."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert('L')
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read mask {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    if img.size != (size, size):
+        if any(s != img.size for s in image_sizes):
+            raise UserError(f'--mask {path} is {img.size[0]}x{img.size[1]}; it must be {size}x{size} or the size of every input image')
+        img = _fit(img, size, Image.NEAREST)
+    return np.asarray(img) > 127

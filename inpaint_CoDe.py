@@ -1,0 +1,104 @@
+"""Zero-shot inpainting, outpainting and class editing with CoDe (the paper's Fig. 7), or with one
+VAR (--draft_steps 10): no training, only the sampling loop with part of the image held fixed.
+
+At every scale, inside the kept region the accumulated features are the input image's own (its
+multi-scale encoding), outside they are sampled; the drafter does the first --draft_steps scales
+and the refiner the rest, as in plain CoDe sampling.
+
+    python inpaint_CoDe.py --image dog.jpg --class_labels 207 --box 64,64,192,192            # inpainting
+    python inpaint_CoDe.py --image dog.jpg --class_labels 207 --box 64,64,192,192 --invert   # outpainting
+    python inpaint_CoDe.py --image dog.jpg --class_labels 281 --box 64,64,192,192            # editing: a cat there
+
+Writes a grid (--output, default output_inpaint.png): per image, the input, the input with the
+region to regenerate greyed out, and the result.
+"""
+import numpy as np
+import torch
+
+from models import code_schedule, generate
+from models.sampling import known_region
+from models.var import compile_steps
+from utils import io
+from utils.checkpoints import load_code_models, load_vae, vae_path
+from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
+                       check_sampling, check_top_k, check_writable, comma_list, main_guard, runtime)
+from utils.errors import UserError
+
+SIZE = 256
+
+
+def parser():
+    p = Parser(description=__doc__.split('\n\n')[0])
+    g = p.add_argument_group('input')
+    g.add_argument('--image', nargs='+', required=True, help='image files (any size: shorter side to 256, centre crop)')
+    g.add_argument('--box', type=comma_list(int, '--box'), default=None, help='x0,y0,x1,y1 in the 256x256 frame: the region to regenerate')
+    g.add_argument('--mask', default=None, help='mask image, white = regenerate (256x256, or the size of the input images)')
+    g.add_argument('--invert', action='store_true', help='regenerate outside the region instead (outpainting)')
+    add_code_model_flags(p, draft_steps_max=10)
+    add_sampling_flags(p, cfg=4.0, top_k='600', top_p=0.95, temp=CODE_TEMP, labels='')
+    add_runtime_flags(p)
+    g = p.add_argument_group('output')
+    g.add_argument('--output', default='output_inpaint.png', help='grid: input, masked input, result, per image')
+    g.add_argument('--save_npz', default=None, help='also save tokens (B, 680), labels (B,) and images (B, 256, 256, 3) uint8')
+    return p
+
+
+def regenerate_region(args, image_sizes):
+    """bool (256, 256): True where new content is sampled."""
+    if (args.box is None) == (args.mask is None):
+        raise UserError('give exactly one of --box and --mask')
+    if args.box is not None:
+        if len(args.box) != 4:
+            raise UserError(f'--box takes x0,y0,x1,y1, got {len(args.box)} values')
+        x0, y0, x1, y1 = args.box
+        if not (0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE):
+            raise UserError(f'--box {x0},{y0},{x1},{y1} is empty or leaves the {SIZE}x{SIZE} frame')
+        region = np.zeros((SIZE, SIZE), dtype=bool)
+        region[y0:y1, x0:x1] = True
+    else:
+        region = io.load_mask(args.mask, image_sizes, SIZE)
+    region = ~region if args.invert else region
+    if not region.any() or region.all():
+        raise UserError('the region to regenerate is empty' if not region.any() else 'the region to regenerate is the whole image')
+    return region
+
+
+def main():
+    args = parser().parse_args()
+    if len(args.class_labels) != len(args.image):
+        raise UserError(f'--class_labels needs one class per image: {len(args.image)} image(s), {len(args.class_labels)} label(s)')
+    check_sampling(args, draft_steps_max=10, hub=not args.drafter_ckpt)
+    loaded = [io.load_image(path, SIZE) for path in args.image]
+    images = np.stack([img for img, _ in loaded])
+    region = regenerate_region(args, [size for _, size in loaded])
+    io.check_image_path(args.output, '--output')
+    check_writable(args.output, '--output')
+    if args.save_npz:
+        check_writable(args.save_npz, '--save_npz')
+    device, dtype = runtime(args)
+    drafter, refiner = load_code_models(args, device)
+    vae = load_vae(vae_path(args.vae_ckpt), device)
+    check_labels(args.class_labels, drafter.num_classes)
+    check_top_k(args.top_k, vae.vocab_size)
+    schedule = code_schedule(drafter, refiner, args.draft_steps)
+    if args.compile:
+        for stage in schedule:
+            compile_steps(stage.model)
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)
+    with torch.inference_mode(), autocast(device, dtype):
+        tokens, f_hat = generate(schedule, vae, torch.tensor(args.class_labels, device=device), seed=args.seed, cfg=args.cfg,
+                                 top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
+                                 known=known_region(vae, x, regenerate))
+        result = io.to_uint8(vae.decode(f_hat).float())
+    masked = np.where(region[None, :, :, None], np.uint8(128), images)
+    io.save_image(io.grid(np.stack([t for triple in zip(images, masked, result) for t in triple]), nrow=3), args.output)
+    print(f'{len(images)} image(s): input, masked input and result saved to {args.output}')
+    if args.save_npz:
+        io.save_npz(args.save_npz, tokens=tokens.to(torch.int32).cpu().numpy(), labels=np.asarray(args.class_labels, dtype=np.int64),
+                    images=result)
+        print(f'tokens, labels and images saved to {args.save_npz}')
+
+
+if __name__ == '__main__':
+    main_guard(main)
