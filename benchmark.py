@@ -290,12 +290,20 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main():
     args = parser().parse_args()
     check(args)
     device, dtype, results = run(args)
-    meta = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({platform.processor() or platform.machine()}, '
-                f'{torch.get_num_threads()} threads)', torch=torch.__version__, dtype=str(dtype).removeprefix('torch.'),
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU: {cpu_name()}, {torch.get_num_threads()} threads',
+                torch=torch.__version__, dtype=str(dtype).removeprefix('torch.'),
                 compile=args.compile, command=' '.join(['python'] + sys.argv), random_weights=args.random_weights)
     print_tables(results, args)
     report = dict(meta=meta, results=results)
