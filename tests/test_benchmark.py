@@ -62,29 +62,38 @@ def test_kv_cache_figure_is_the_largest_cache_alive(models, monkeypatch):
 def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     out = tmp_path / 'b.json'
     r = subprocess.run([sys.executable, str(ROOT / 'benchmark.py'), '--random_weights', '--device', 'cpu', '--drafter_depth', '2',
-                        '--refiner_depth', '1', '--vae_ch', '32', '--batch_sizes', '1,2', '--modes', 'original,8', '--warmup', '0',
-                        '--repeats', '1', '--paths', 'fast,straightforward', '--json', str(out)],
+                        '--refiner_depth', '1', '--vae_ch', '32', '--batch_sizes', '2', '--modes', 'original,8', '--warmup', '0',
+                        '--repeats', '2', '--paths', 'fast,straightforward', '--json', str(out)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('Latency per batch')
     report = json.loads(out.read_text())
     rows = report['results']
     assert [(x['path'], x['mode'], x['batch']) for x in rows] == [
-        (p, m, b) for p in ('fast', 'straightforward') for m in ('original', '8') for b in (1, 2)]
-    for x in rows:
+        ('fast', 'original', 2), ('fast', '8', 2), ('straightforward', 'original', 2), ('straightforward', '8', 2)]
+    for i, x in enumerate(rows):
         assert x['ms_min'] <= x['ms'] <= x['ms_max'] and x['ms_with_decode'] > x['ms']
-        assert x['images_per_s'] == pytest.approx(x['batch'] / x['ms'] * 1000)
-        assert x['speedup'] == pytest.approx(1.0 if x['mode'] == 'original' else rows[rows.index(x) - 2]['ms'] / x['ms'])
-        roles = [s['role'] for s in x['scale_ms']]
-        assert roles == (['drafter'] * 10 if x['mode'] == 'original' else ['drafter'] * 8 + ['refiner'] * 10)
-        assert [s['prefill'] for s in x['scale_ms'] if s['role'] == 'refiner'] == [True] * 8 + [False] * 2 or x['mode'] == 'original'
+        assert x['images_per_s'] == pytest.approx(2 / x['ms'] * 1000)
+        assert x['speedup'] == pytest.approx(1.0 if x['mode'] == 'original' else rows[i - 1]['ms'] / x['ms'])
+        roles = [(s['role'], s['scale'], s['prefill']) for s in x['scale_ms']]
+        if x['mode'] == 'original':
+            assert roles == [('drafter', si, False) for si in range(10)]
+        else:
+            assert roles == [('drafter', si, False) for si in range(8)] + [('refiner', si, si < 8) for si in range(10)]
     assert report['meta']['torch'] == torch.__version__
 
 
 @pytest.mark.parametrize('args,message', [(['--modes', 'original,12'], "'12' is neither"),
                                           (['--paths', 'slow'], '--paths takes'),
                                           (['--batch_sizes', '0'], 'must be positive')])
-def test_benchmark_bad_input(args, message, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / 'benchmark.py'), '--random_weights', '--device', 'cpu', *args],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and message in r.stderr and r.stderr.count('\n') == 1
+def test_benchmark_bad_input(args, message, capsys):
+    from utils.cli import main_guard
+    old = sys.argv
+    sys.argv = ['benchmark.py', '--random_weights', '--device', 'cpu', *args]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main_guard(benchmark.main)
+    finally:
+        sys.argv = old
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count('\n') == 1
