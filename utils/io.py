@@ -65,12 +65,41 @@ def write_npz_streaming(path, arrays):
 
 def npz_array_header(path, name):
     """(shape, dtype) of one array of an .npz, read from its header without loading it."""
-    import zipfile
-    with zipfile.ZipFile(path) as zf, zf.open(f'{name}.npy') as f:
-        version = np.lib.format.read_magic(f)
+    with _npz_member(path, name) as (shape, dtype, _):
+        return shape, dtype
+
+
+def iter_npz_array(path, name, batch):
+    """One array of an .npz in chunks of `batch` rows, read from the archive as it goes (compressed
+    or not), so that 50,000 images never sit in memory at once."""
+    with _npz_member(path, name) as (shape, dtype, f):
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        for start in range(0, shape[0], batch):
+            n = min(batch, shape[0] - start)
+            data = f.read(n * row_bytes)
+            if len(data) != n * row_bytes:
+                raise UserError(f'{path}: {name} ends early, at row {start + len(data) // max(row_bytes, 1)} of {shape[0]}')
+            yield np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
+
+
+class _npz_member:
+    def __init__(self, path, name):
+        self.path, self.name = path, name
+
+    def __enter__(self):
+        import zipfile
+        self.zf = zipfile.ZipFile(self.path)
+        self.f = self.zf.open(f'{self.name}.npy')
+        version = np.lib.format.read_magic(self.f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-    return shape, dtype
+        shape, fortran, dtype = read(self.f)
+        if fortran:
+            raise UserError(f'{self.path}: {self.name} is stored in Fortran order; save it C-ordered')
+        return shape, dtype, self.f
+
+    def __exit__(self, *exc):
+        self.f.close()
+        self.zf.close()
 
 
 def _fit(img, size, resample):
