@@ -60,6 +60,24 @@ class Upsample2x(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
 
 
+def _level(blocks, attns, resample_name=None, resample=None):
+    """One resolution of the encoder or decoder: residual blocks, their attentions, a resampling."""
+    level = nn.Module()
+    level.block, level.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
+    if resample is not None:
+        setattr(level, resample_name, resample)
+    return level
+
+
+def _run_level(level, h):
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    resample = getattr(level, 'downsample', None) or getattr(level, 'upsample', None)
+    return h if resample is None else resample(h)
+
+
 class Encoder(nn.Module):
     def __init__(self, ch, ch_mult, z_channels, num_res_blocks=2):
         super().__init__()
@@ -68,12 +86,9 @@ class Encoder(nn.Module):
         c_in = ch
         for i, mult in enumerate(ch_mult):
             top = i == len(ch_mult) - 1
-            level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else ch * mult, ch * mult) for j in range(num_res_blocks))
-            level.attn = nn.ModuleList(AttnBlock(ch * mult) for _ in range(num_res_blocks if top else 0))
-            if not top:
-                level.downsample = Downsample2x(ch * mult)
-            self.down.append(level)
+            self.down.append(_level([ResnetBlock(c_in if j == 0 else ch * mult, ch * mult) for j in range(num_res_blocks)],
+                                    [AttnBlock(ch * mult) for _ in range(num_res_blocks if top else 0)],
+                                    'downsample', None if top else Downsample2x(ch * mult)))
             c_in = ch * mult
         self.mid = _mid(c_in)
         self.norm_out = group_norm(c_in)
@@ -82,12 +97,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, 'downsample'):
-                h = level.downsample(h)
+            h = _run_level(level, h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -101,12 +111,9 @@ class Decoder(nn.Module):
         levels = []
         for i in reversed(range(len(ch_mult))):  # built top-down, stored by level index
             c_out = ch * ch_mult[i]
-            level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(num_res_blocks + 1))
-            level.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(num_res_blocks + 1 if i == len(ch_mult) - 1 else 0))
-            if i != 0:
-                level.upsample = Upsample2x(c_out)
-            levels.insert(0, level)
+            levels.insert(0, _level([ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(num_res_blocks + 1)],
+                                    [AttnBlock(c_out) for _ in range(num_res_blocks + 1 if i == len(ch_mult) - 1 else 0)],
+                                    'upsample', Upsample2x(c_out) if i != 0 else None))
             c_in = c_out
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(c_in)
@@ -115,12 +122,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, 'upsample'):
-                h = level.upsample(h)
+            h = _run_level(level, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

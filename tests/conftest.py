@@ -17,6 +17,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))  # the fixtures were made wit
 import tiny  # noqa: E402
 
 
+def run_main(script, args):
+    """Run a script's main() in this process with these command-line arguments, as the shell would
+    (bad input ends in SystemExit(2) with one line on stderr)."""
+    from utils.cli import main_guard
+    old = sys.argv
+    sys.argv = [script.__file__, *args]
+    try:
+        main_guard(script.main)
+    finally:
+        sys.argv = old
+
+
 @pytest.fixture(scope='session')
 def models():
     return tiny.tiny_vae(), tiny.tiny_drafter(), tiny.tiny_refiner()

@@ -9,8 +9,7 @@ import torch
 
 import infer_CoDe
 import infer_original
-from conftest import ROOT
-from utils.cli import main_guard
+from conftest import ROOT, run_main
 
 GOLDEN_LABELS = '992,483,970,609'
 
@@ -51,21 +50,12 @@ def test_grid_png_is_eight_per_row(checkpoints, tmp_path):
     out = tmp_path / 'grid.png'
     args = ['--var_ckpt', checkpoints['refiner'], '--vae_ckpt', checkpoints['vae'], '--class_labels', '1,2,3,4,5,6,7,8,9',
             '--repeats', '1', '--output', str(out), '--save_npz', str(tmp_path / 'g.npz')]
-    run(infer_original, args)
+    run_main(infer_original, args)
     grid = np.asarray(Image.open(out))
     assert grid.shape == (512, 2048, 3)
     images = np.load(tmp_path / 'g.npz')['images']
     assert np.array_equal(grid[:256, 256:512], images[1]) and np.array_equal(grid[256:, :256], images[8])
     assert (grid[256:, 256:] == 255).all(), 'empty cells are white, as make_grid(pad_value=1) leaves them'
-
-
-def run(script, args, monkeypatch=None):
-    old = sys.argv
-    sys.argv = [script.__file__, *args]
-    try:
-        main_guard(script.main)
-    finally:
-        sys.argv = old
 
 
 def local(checkpoints, code=True):
@@ -99,7 +89,7 @@ BAD_CODE = [
 def test_bad_input_is_one_line_and_exit_2(args, message, checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        run(infer_CoDe, local(checkpoints) + args)
+        run_main(infer_CoDe, local(checkpoints) + args)
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert message in err
@@ -123,7 +113,7 @@ def test_bad_input_is_refused_before_any_download(script, args, message, capsys,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ck, 'download', lambda *a: pytest.fail('nothing may be downloaded'))
     with pytest.raises(SystemExit) as e:
-        run(script, args)
+        run_main(script, args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count('\n') == 1
 
@@ -132,14 +122,14 @@ def test_bad_input_is_refused_before_any_download(script, args, message, capsys,
 def test_cuda_without_a_gpu(checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        run(infer_original, local(checkpoints, code=False) + ['--device', 'cuda'])
+        run_main(infer_original, local(checkpoints, code=False) + ['--device', 'cuda'])
     assert 'no CUDA GPU is available' in capsys.readouterr().err
 
 
 def test_depth_flag_disagreeing_with_a_local_file(checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        run(infer_original, local(checkpoints, code=False) + ['--model_depth', '16'])
+        run_main(infer_original, local(checkpoints, code=False) + ['--model_depth', '16'])
     assert '--model_depth 16 disagrees with' in capsys.readouterr().err
 
 

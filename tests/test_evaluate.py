@@ -12,8 +12,7 @@ import torch
 from scipy import linalg
 
 import evaluate
-from conftest import ROOT
-from utils.cli import main_guard
+from conftest import ROOT, run_main
 from utils.errors import UserError
 
 
@@ -151,14 +150,6 @@ def test_end_to_end(inception_file, tmp_path):
     assert metrics['inception_score'] >= 1 and metrics['num_samples'] == 12
 
 
-def run(args):
-    old = sys.argv
-    sys.argv = ['evaluate.py', *args]
-    try:
-        main_guard(evaluate.main)
-    finally:
-        sys.argv = old
-
 
 def test_bad_input(tmp_path, capsys):
     good = tmp_path / 'good.npz'
@@ -175,11 +166,11 @@ def test_bad_input(tmp_path, capsys):
         np.savez(tmp_path / name, **arrays)
         args = [str(good), str(tmp_path / name)] if role == 'sample' else [str(tmp_path / name), str(good)]
         with pytest.raises(SystemExit) as e:
-            run(args + ['--inception_weights', str(good)])
+            run_main(evaluate, args + ['--inception_weights', str(good)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count('\n') == 1, (name, err)
     with pytest.raises(SystemExit):
-        run([str(good), str(tmp_path / 'missing.npz')])
+        run_main(evaluate, [str(good), str(tmp_path / 'missing.npz')])
     assert 'no such file' in capsys.readouterr().err
 
 

@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 import inpaint_CoDe
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, run_main
 from models import Stage, code_schedule, generate
 from models.sampling import known_region
-from utils.cli import main_guard
 from utils.io import to_uint8
 
 CASES = json.loads((FIXTURES / 'cases_inpaint.json').read_text())
@@ -111,19 +110,11 @@ def test_a_mask_file_equals_the_box(checkpoints, pngs, tmp_path):
     results = []
     for region in (['--box', '64,64,192,192'], ['--mask', str(tmp_path / 'mask.png')]):
         npz = tmp_path / f'{region[0][2:]}.npz'
-        run(local(checkpoints) + ['--image', pngs[0], '--class_labels', '207', '--output', str(tmp_path / 'g.png'),
+        run_main(inpaint_CoDe, local(checkpoints) + ['--image', pngs[0], '--class_labels', '207', '--output', str(tmp_path / 'g.png'),
                                   '--save_npz', str(npz), '--draft_steps', '6'] + region)
         results.append(np.load(npz)['tokens'])
     assert np.array_equal(*results)
 
-
-def run(args):
-    old = sys.argv
-    sys.argv = ['inpaint_CoDe.py', *args]
-    try:
-        main_guard(inpaint_CoDe.main)
-    finally:
-        sys.argv = old
 
 
 def bad_cases(tmp_path, pngs):
@@ -147,6 +138,6 @@ def test_bad_input_is_one_line_and_exit_2(checkpoints, pngs, tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)
     for args, message in bad_cases(tmp_path, pngs):
         with pytest.raises(SystemExit) as e:
-            run(local(checkpoints) + args)
+            run_main(inpaint_CoDe, local(checkpoints) + args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and err.count('\n') == 1, (args, err)

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import sample_CoDe
-from conftest import ROOT
+from conftest import ROOT, run_main
 from models import code_schedule, generate
-from utils.cli import main_guard
 from utils.io import to_uint8
 
 
@@ -110,14 +109,6 @@ def test_rerun_with_other_settings_is_refused(checkpoints, batched):
     assert 'other settings (cfg;' in r.stderr and r.stderr.count('\n') == 1
 
 
-def run(args):
-    old = sys.argv
-    sys.argv = ['sample_CoDe.py', *args]
-    try:
-        main_guard(sample_CoDe.main)
-    finally:
-        sys.argv = old
-
 
 BAD = [
     (['--classes', '998-1000'], 'class 1000 is outside'),
@@ -132,7 +123,7 @@ BAD = [
 @pytest.mark.parametrize('args,message', BAD, ids=[' '.join(a) for a, _ in BAD])
 def test_bad_input(args, message, checkpoints, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        run(local(checkpoints) + ['--output_path', str(tmp_path / 'run')] + args)
+        run_main(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run')] + args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count('\n') == 1
 
@@ -141,7 +132,7 @@ def test_too_little_disk_is_refused_before_sampling(checkpoints, capsys, tmp_pat
     import shutil
     monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
     with pytest.raises(SystemExit):
-        run(local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '0-9'])
+        run_main(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '0-9'])
     err = capsys.readouterr().err
     assert 'GB free' in err and '500 images' in err
     assert not (tmp_path / 'run' / 'batches').exists()
