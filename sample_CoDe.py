@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models import code_schedule, generate
 from models.var import compile_steps
 from utils import distributed, io
-from utils.checkpoints import CODE_DRAFTER_DEPTH, CODE_REFINER_DEPTH, load_code_models, load_vae, vae_path
+from utils.checkpoints import VAE_FILE, load_code_models, load_vae, vae_path
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
                        check_sampling, check_top_k, main_guard, runtime)
 from utils.errors import UserError
@@ -73,15 +73,15 @@ def batch_name(j, first_class):
 
 
 def manifest_of(args, drafter, refiner, vae, dtype, device):
-    describe = lambda path, depth: os.path.abspath(path) if path else f'hub:d{depth}'
+    describe = lambda path, hub_name: os.path.abspath(path) if path else f'hub:{hub_name}'
     return dict(
         classes=args.classes, images_per_class=args.images_per_class, batch_size=args.batch_size, seed=args.seed,
         cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
         draft_steps=args.draft_steps, training_free=args.training_free,
-        drafter=describe(args.drafter_ckpt, drafter.depth), drafter_depth=drafter.depth,
-        refiner=None if refiner is None else describe(args.refiner_ckpt, refiner.depth),
+        drafter=describe(args.drafter_ckpt, f'd{drafter.depth}'), drafter_depth=drafter.depth,
+        refiner=None if refiner is None else describe(args.refiner_ckpt, f'd{refiner.depth}'),
         refiner_depth=None if refiner is None else refiner.depth,
-        vae=describe(args.vae_ckpt, 'vae'), dtype=str(dtype).removeprefix('torch.'), device=device.type)
+        vae=describe(args.vae_ckpt, VAE_FILE), dtype=str(dtype).removeprefix('torch.'), device=device.type)
 
 
 def check_manifest(folder, manifest):
@@ -214,8 +214,8 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     manifest = manifest_of(args, drafter, refiner, vae, dtype, device)
     check_manifest(folder, manifest)  # every rank checks, so that a refusal stops them all
     done = done_batches(folder) if os.path.isdir(os.path.join(folder, 'batches')) else set()
-    todo = [(i, j, chunk) for i, (j, chunk) in enumerate(batches) if batch_name(j, chunk[0]) not in done]
-    remaining = sum(len(chunk) for _, _, chunk in todo)
+    todo = [(j, chunk) for j, chunk in batches if batch_name(j, chunk[0]) not in done]
+    remaining = sum(len(chunk) for _, chunk in todo)
     check_disk(folder, remaining, total, args.save_png)
     if rank == 0:
         create_workdir(folder, manifest)
@@ -232,9 +232,7 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     start = time.perf_counter()
     try:
         with torch.inference_mode(), autocast(device, dtype):
-            for i, j, chunk in todo:
-                if i % world != rank:
-                    continue
+            for j, chunk in todo[rank::world]:  # which process samples a batch does not change it
                 labels = torch.tensor(chunk, device=device)
                 _, f_hat = generate(schedule, vae, labels, seed=args.seed + j, cfg=args.cfg, top_k=args.top_k,
                                     top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)

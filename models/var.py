@@ -30,7 +30,7 @@ class KVCache:
         shape = (depth, batch, heads, positions, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        if self.k.is_cuda:  # fixed addresses across calls, so captured CUDA graphs can write in place
+        if self.k.is_cuda:  # lets CUDA graphs (compile_steps) write into this cache rather than into a copy of it
             torch._dynamo.mark_static_address(self.k)
             torch._dynamo.mark_static_address(self.v)
 
@@ -218,7 +218,6 @@ def compile_steps(model: VAR):
     fixed shapes, so each (scale, batch size) is captured once and replayed without launch overhead."""
     if getattr(model, 'compiled', False):
         return model
-    import torch._dynamo
     # one graph per (model, scale, prefill or not, batch size, cache size): far more than the default 8
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
     model.step = torch.compile(model.step, mode='reduce-overhead', fullgraph=True, dynamic=False)
