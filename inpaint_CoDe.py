@@ -17,12 +17,12 @@ import torch
 
 from models import code_schedule, generate
 from models.sampling import known_region
-from models.var import compile_steps
 from utils import io
 from utils.checkpoints import load_code_models, load_vae, vae_path
-from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
-                       check_sampling, check_top_k, check_writable, comma_list, main_guard, runtime)
+from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast,
+                       check_sampling, check_writable, comma_list, main_guard, runtime)
 from utils.errors import UserError
+from utils.infer import prepare
 
 SIZE = 256
 
@@ -78,12 +78,8 @@ def main():
     device, dtype = runtime(args)
     drafter, refiner = load_code_models(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    check_labels(args.class_labels, drafter.num_classes)
-    check_top_k(args.top_k, vae.vocab_size)
     schedule = code_schedule(drafter, refiner, args.draft_steps)
-    if args.compile:
-        for stage in schedule:
-            compile_steps(stage.model)
+    prepare(args, schedule, vae, args.class_labels)
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
     regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)
     with torch.inference_mode(), autocast(device, dtype):

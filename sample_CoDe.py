@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from models import code_schedule, generate
-from models.var import compile_steps
 from utils import distributed, io
 from utils.checkpoints import VAE_FILE, load_code_models, load_vae, vae_path
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
-                       check_sampling, check_top_k, main_guard, runtime)
+                       check_sampling, main_guard, runtime)
 from utils.errors import UserError
+from utils.infer import prepare
 
 IMAGE_BYTES = 256 * 256 * 3
 
@@ -207,8 +207,8 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     say = print if rank == 0 else (lambda *a, **k: None)
     drafter, refiner = load_code_models(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    check_labels(args.classes, drafter.num_classes, '--classes')
-    check_top_k(args.top_k, vae.vocab_size)
+    schedule = code_schedule(drafter, refiner, args.draft_steps)  # 10: the drafter alone
+    prepare(args, schedule, vae, args.classes, '--classes')
     batches = plan(args.classes, args.images_per_class, args.batch_size)
     total = len(args.classes) * args.images_per_class
     manifest = manifest_of(args, drafter, refiner, vae, dtype, device)
@@ -223,10 +223,6 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     what = f'VAR-d{drafter.depth} alone' if refiner is None else f'CoDe: VAR-d{drafter.depth} drafts {args.draft_steps} scales, VAR-d{refiner.depth} refines'
     say(f'{what}; {total} images ({len(args.classes)} classes x {args.images_per_class}), batch {args.batch_size}, '
         f'{world} process(es); {total - remaining} already done')
-    schedule = code_schedule(drafter, refiner, args.draft_steps)  # 10: the drafter alone
-    if args.compile:
-        for stage in schedule:
-            compile_steps(stage.model)
     writer = Writer(folder, args.save_png)
     progress = tqdm(total=total, initial=total - remaining, unit='img', disable=rank != 0, smoothing=0.05)
     start = time.perf_counter()

@@ -1,6 +1,5 @@
 """VAR's multi-scale VQVAE: a conv encoder/decoder (the latent-diffusion vq-f16 design) around
 the multi-scale quantiser. Module names follow the official checkpoint vae_ch160v4096z32.pth."""
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import Stage, code_schedule, generate
+from models import code_schedule, generate
 from models.var import GrowingKVCache
 
 LABELS = torch.tensor([5, 250, 999])

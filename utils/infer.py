@@ -19,14 +19,18 @@ def check_outputs(args):
         raise UserError(f'--repeats must be >= 1, got {args.repeats}')
 
 
-def run(args, schedule, vae, device, dtype, what):
-    """Sample args.class_labels --repeats times (same seed each time, as the reference) and save the last."""
-    model = schedule[0].model
-    check_labels(args.class_labels, model.num_classes)
+def prepare(args, schedule, vae, labels, flag='--class_labels'):
+    """The checks that need the loaded models, and --compile: what every sampling script does once."""
+    check_labels(labels, schedule[0].model.num_classes, flag)
+    check_top_k(args.top_k, vae.vocab_size)
     if args.compile:
         for stage in schedule:
             compile_steps(stage.model)
-    check_top_k(args.top_k, vae.vocab_size)
+
+
+def run(args, schedule, vae, device, dtype, what):
+    """Sample args.class_labels --repeats times (same seed each time, as the reference) and save the last."""
+    prepare(args, schedule, vae, args.class_labels)
     labels = torch.tensor(args.class_labels, device=device)
     print(f'{what}: batch {len(labels)}, seed {args.seed}, cfg {args.cfg}, device {device}, {str(dtype).removeprefix("torch.")}')
     timing.reset_peak_memory(device)
