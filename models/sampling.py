@@ -99,7 +99,8 @@ def known_region(vae: VQVAE, images_B3HW, regenerate_B1HW):
     16x16, where they are kept (the complement of the region to regenerate, nearest-resized as the
     reference does). images in [-1, 1]; regenerate is 1 where new content is sampled.
     Returns the `known` argument of generate()."""
-    _, f_hats = vae.encode(images_B3HW)
+    with torch.autocast(images_B3HW.device.type, enabled=False):  # the nearest-codeword search needs one dtype
+        _, f_hats = vae.encode(images_B3HW.float())
     side = vae.patch_nums[-1]
     keep = F.interpolate(1 - regenerate_B1HW.float(), size=(side, side), mode='nearest') > 0.5
     return f_hats, keep

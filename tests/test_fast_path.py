@@ -127,3 +127,28 @@ def test_no_host_sync_inside_the_loop(models):
         generate(code_schedule(drafter, refiner, 8), vae, labels, seed=0, cfg=1.5, top_k=600, top_p=0.96)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_the_half_precision_path_runs_under_autocast(models, monkeypatch):
+    """The GPU default (fp16/bf16 autocast), exercised on the CPU in bf16: caches are held in bf16,
+    plain, smoothed and inpainting runs sample valid tokens, and inpainting still pins the kept
+    features exactly (the encoder runs in fp32 inside)."""
+    from models import var as var_module
+    from models.sampling import known_region
+    vae, drafter, refiner = models
+    dtypes = []
+    original = var_module.KVCache.__init__
+    monkeypatch.setattr(var_module.KVCache, '__init__', lambda self, *a: (original(self, *a), dtypes.append(self.k.dtype))[0])
+    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    region = torch.zeros(2, 1, 256, 256)
+    region[..., 64:192, 64:192] = 1
+    kw = dict(seed=0, cfg=1.5, top_k=600, top_p=0.96)
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        known = known_region(vae, x, region)
+        for extra in (dict(), dict(more_smooth=True), dict(known=known)):
+            tokens, f_hat = generate(code_schedule(drafter, refiner, 8), vae, LABELS[:2], **kw, **extra)
+            assert tokens.shape == (2, 680) and 0 <= tokens.min() and tokens.max() < 4096
+            assert f_hat.dtype == torch.float32 and torch.isfinite(f_hat).all()
+    keep = known[1].expand_as(f_hat)
+    assert torch.equal(f_hat[keep], known[0][-1][keep])
+    assert set(dtypes) == {torch.bfloat16}
