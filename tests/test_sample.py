@@ -18,7 +18,7 @@ from utils.io import to_uint8
 
 
 # The same thread count in every process: CPU float rounding (here, of the decode) moves with it.
-ENV = {**os.environ, 'OMP_NUM_THREADS': '2'}
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
 def local(checkpoints):
