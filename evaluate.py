@@ -18,7 +18,7 @@ from scipy import linalg
 from tqdm import tqdm
 
 from utils.cli import Parser, main_guard
-from utils.errors import UserError
+from utils.errors import UserError, one_line
 from utils.io import iter_npz_array, npz_array_header
 
 SPLIT_SIZE = 5000     # Inception Score splits, in order
@@ -68,12 +68,12 @@ class Inception:
         try:  # reading it with weights_only=True first proves the file holds tensors only
             torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:
-            raise UserError(f'{weights} is not an Inception weights file ({type(e).__name__}: {str(e).splitlines()[0][:120]})') from None
+            raise UserError(f'{weights} is not an Inception weights file ({one_line(e)})') from None
         try:
             self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
                                                    feature_extractor_weights_path=weights).to(device)
         except RuntimeError as e:
-            raise UserError(f'{weights} does not fit torch-fidelity\'s Inception-v3 ({str(e).splitlines()[0][:120]})') from None
+            raise UserError(f'{weights} does not fit torch-fidelity\'s Inception-v3 ({one_line(e)})') from None
         self.device, self.spatial = device, None
         # TF's mixed_6 is torch-fidelity's Mixed_6d; mixed_6/conv is its 1x1 branch, after the ReLU
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: setattr(self, 'spatial', out))
@@ -93,7 +93,7 @@ def check_images(path):
     except KeyError:
         return None
     except (OSError, ValueError) as e:
-        raise UserError(f'cannot read {path} as an .npz ({type(e).__name__}: {str(e).splitlines()[0][:120]})') from None
+        raise UserError(f'cannot read {path} as an .npz ({one_line(e)})') from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise UserError(f'{path}: arr_0 must be uint8 N x H x W x 3, found {dtype} {shape}')
     if shape[0] < 2:

@@ -5,7 +5,7 @@ labels and images. Prints the time of each repetition and the peak memory, to co
 infer_CoDe.py.
 """
 from models import Stage
-from utils.checkpoints import load_vae, load_var, vae_path, var_path
+from utils.checkpoints import expected_depth, load_vae, load_var, vae_path, var_path
 from utils.cli import Parser, add_output_flags, add_runtime_flags, add_sampling_flags, check_sampling, main_guard, runtime
 from utils.errors import UserError
 from utils.infer import check_outputs, run
@@ -28,7 +28,7 @@ def main():
     check_sampling(args, hub=not args.var_ckpt)
     check_outputs(args)
     device, dtype = runtime(args)
-    depth = args.model_depth or (None if args.var_ckpt else 30)
+    depth = expected_depth(args.model_depth, args.var_ckpt, 30)
     var = load_var(var_path(args.var_ckpt, depth, '--var_ckpt'), device, '--model_depth', depth)
     vae = load_vae(vae_path(args.vae_ckpt), device)
     run(args, [Stage(var, len(var.patch_nums))], vae, device, dtype, f'VAR-d{var.depth}')

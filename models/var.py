@@ -2,8 +2,8 @@
 
 Inference runs one scale at a time (`forward_scale`): the scale's tokens attend to themselves
 and to every earlier scale through a KV cache. Everything that depends only on the class
-label (the class embedding, every block's AdaLN scale/shift/gate, the head's AdaLN) is
-computed once per sample by `condition`, not once per scale. Parameter names follow the
+label (the class embedding, every block's AdaLN scale/shift/gate, the head's AdaLN), and the
+attention's bias and temperature, are computed once per run by `condition`, not once per scale. Parameter names follow the
 official checkpoints (var_d16.pth ... var_d30.pth, drafter_N.pth, refiner_N.pth).
 """
 import itertools
@@ -72,13 +72,18 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x, cache, i, begin, end):
+    def constants(self):
+        """The qkv bias (keys have none) and the per-head temperature: fixed for a run, made once."""
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        return bias, self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+
+    def forward(self, x, constants, cache, i, begin, end):
         """x (2B, l, C) holds the positions begin..end-1; they attend to positions 0..end-1 through block i's cache."""
         B2, L, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # keys have no bias
+        bias, q_scale = constants
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B2, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         # cosine attention: unit q and k, a learned per-head temperature instead of 1/sqrt(d)
-        q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
+        q = F.normalize(q, dim=-1).mul(q_scale)
         k = F.normalize(k, dim=-1)
         k_all, v_all = cache.update(i, begin, end, k, v)
         out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, scale=1.0)
@@ -106,13 +111,15 @@ class Block(nn.Module):
         self.ln = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 6 * embed_dim))
 
-    def modulation(self, cond_BD):
+    def constants(self, cond_BD):
+        """Everything fixed for a run: the class-conditioned AdaLN gates, scales (+1) and shifts, and
+        the attention's constants."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        return gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2
+        return (gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2), self.attn.constants()
 
-    def forward(self, x, modulation, cache, i, begin, end):
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation
-        x = x + self.attn(self.ln(x).mul(scale1).add_(shift1), cache, i, begin, end).mul_(gamma1)
+    def forward(self, x, constants, cache, i, begin, end):
+        (gamma1, gamma2, scale1, scale2, shift1, shift2), attn_constants = constants
+        x = x + self.attn(self.ln(x).mul(scale1).add_(shift1), attn_constants, cache, i, begin, end).mul_(gamma1)
         return x + self.ffn(self.ln(x).mul(scale2).add_(shift2)).mul(gamma2)
 
 
@@ -134,9 +141,10 @@ class HeadNorm(nn.Module):
 
 @dataclass
 class Condition:
-    """What one batch of labels fixes for a whole run of one model (both CFG halves)."""
+    """What is fixed for a whole run of one model: what the labels decide (both CFG halves) and the
+    attention's weight-only constants."""
     start: torch.Tensor                     # (2B, 1, C): scale 0's input
-    blocks: List[Tuple[torch.Tensor, ...]]  # per block: gamma1, gamma2, 1+scale1, 1+scale2, shift1, shift2
+    blocks: List[Tuple]                     # per block: its AdaLN modulation and attention constants (Block.constants)
     head: Tuple[torch.Tensor, torch.Tensor]  # 1+scale, shift of the head's AdaLN
 
 
@@ -176,7 +184,7 @@ class VAR(nn.Module):
         uncond = torch.full_like(labels_B, self.num_classes)
         cond_BD = self.class_emb(torch.cat((labels_B, uncond)))
         start = cond_BD.unsqueeze(1) + self.pos_start.expand(cond_BD.shape[0], -1, -1) + self.level_position(0)
-        return Condition(start, [b.modulation(cond_BD) for b in self.blocks], self.head_nm.modulation(cond_BD))
+        return Condition(start, [b.constants(cond_BD) for b in self.blocks], self.head_nm.modulation(cond_BD))
 
     def level_position(self, si):
         """Level (scale) embedding plus absolute position embedding of scale si's positions: (1, pn*pn, C)."""

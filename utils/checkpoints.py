@@ -13,17 +13,12 @@ import torch
 from models import VAR, VQVAE
 from models.quant import PATCH_NUMS
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 VAR_REPO, CODE_REPO = 'FoundationVision/var', 'Zigeng/VAR_CoDe'
 VAE_FILE = 'vae_ch160v4096z32.pth'
 HUB_DEPTHS = (16, 20, 24, 30)
 CODE_DRAFTER_DEPTH, CODE_REFINER_DEPTH, CODE_DRAFT_STEPS = 30, 16, (6, 7, 8, 9)
-
-
-def _first_sentence(e: Exception) -> str:
-    text = ' '.join(str(e).split())
-    return f'{type(e).__name__}: {text.split(". ")[0][:160]}' if text else type(e).__name__
 
 
 def download(repo_id: str, filename: str, flag: str) -> str:
@@ -35,7 +30,7 @@ def download(repo_id: str, filename: str, flag: str) -> str:
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename)
     except Exception as e:  # network, offline mode, missing file, auth: one message for all
-        raise UserError(f'could not get {filename} from the Hugging Face repo {repo_id} ({_first_sentence(e)}); '
+        raise UserError(f'could not get {filename} from the Hugging Face repo {repo_id} ({one_line(e)}); '
                         f'download it yourself and pass its path with {flag}') from None
 
 
@@ -47,7 +42,7 @@ def read_state_dict(path: str) -> dict:
         # mmap keeps a 8 GB file out of RAM until its tensors are used (zip format only)
         sd = torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
-        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({_first_sentence(e)})') from None
+        raise UserError(f'cannot read {path} as a PyTorch checkpoint ({one_line(e)})') from None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f'{path} does not hold a state dict of tensors')
     return sd
@@ -143,14 +138,24 @@ def vae_path(local):
     return local or download(VAR_REPO, VAE_FILE, '--vae_ckpt')
 
 
-def var_path(local, depth, flag):
-    """Local path, or the official var_d{depth}.pth from the hub."""
-    if local:
-        return local
-    if depth not in HUB_DEPTHS:
+def expected_depth(flag_value, local, hub_default):
+    """The depth a loaded VAR must have: the flag's when given, else the hub default when downloading,
+    else whatever a local file holds (None)."""
+    if flag_value is not None or local:
+        return flag_value
+    return hub_default
+
+
+def check_hub_depth(local, depth, flag):
+    if not local and depth not in HUB_DEPTHS:
         raise UserError(f'there is no official VAR of depth {depth} to download (choose from {", ".join(map(str, HUB_DEPTHS))}), '
                         f'or pass a local file with {flag}')
-    return download(VAR_REPO, f'var_d{depth}.pth', flag)
+
+
+def var_path(local, depth, flag):
+    """Local path, or the official var_d{depth}.pth from the hub."""
+    check_hub_depth(local, depth, flag)
+    return local or download(VAR_REPO, f'var_d{depth}.pth', flag)
 
 
 def code_paths(drafter_ckpt, refiner_ckpt, drafter_depth, refiner_depth, draft_steps, training_free):
@@ -161,9 +166,8 @@ def code_paths(drafter_ckpt, refiner_ckpt, drafter_depth, refiner_depth, draft_s
     refiner_depth = CODE_REFINER_DEPTH if refiner_depth is None else refiner_depth
     if training_free:
         paths = [(drafter_ckpt, drafter_depth, '--drafter_ckpt'), (refiner_ckpt, refiner_depth, '--refiner_ckpt')]
-        for local, depth, flag in paths:  # validate both before downloading either
-            if not local and depth not in HUB_DEPTHS:
-                var_path(local, depth, flag)
+        for p in paths:  # validate both before downloading either
+            check_hub_depth(*p)
         return [var_path(*p) for p in paths]
     needs_hub = not (drafter_ckpt and refiner_ckpt)
     if needs_hub and (drafter_depth, refiner_depth) != (CODE_DRAFTER_DEPTH, CODE_REFINER_DEPTH) or \
@@ -178,11 +182,11 @@ def code_paths(drafter_ckpt, refiner_ckpt, drafter_depth, refiner_depth, draft_s
 def load_code_models(args, device):
     """(drafter, refiner) from the CoDe flags; refiner is None when --draft_steps is 10 (the
     drafter alone: plain VAR, whose weights are the official var_d{depth}.pth)."""
+    drafter_depth = expected_depth(args.drafter_depth, args.drafter_ckpt, CODE_DRAFTER_DEPTH)
     if args.draft_steps >= 10:
-        depth = args.drafter_depth or (None if args.drafter_ckpt else CODE_DRAFTER_DEPTH)
-        return load_var(var_path(args.drafter_ckpt, depth, '--drafter_ckpt'), device, '--drafter_depth', depth), None
+        return load_var(var_path(args.drafter_ckpt, drafter_depth, '--drafter_ckpt'), device, '--drafter_depth', drafter_depth), None
+    refiner_depth = expected_depth(args.refiner_depth, args.refiner_ckpt, CODE_REFINER_DEPTH)
     drafter_file, refiner_file = code_paths(args.drafter_ckpt, args.refiner_ckpt, args.drafter_depth, args.refiner_depth,
                                             args.draft_steps, args.training_free)
-    drafter = load_var(drafter_file, device, '--drafter_depth', args.drafter_depth or (None if args.drafter_ckpt else CODE_DRAFTER_DEPTH))
-    refiner = load_var(refiner_file, device, '--refiner_depth', args.refiner_depth or (None if args.refiner_ckpt else CODE_REFINER_DEPTH))
-    return drafter, refiner
+    return (load_var(drafter_file, device, '--drafter_depth', drafter_depth),
+            load_var(refiner_file, device, '--refiner_depth', refiner_depth))

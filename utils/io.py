@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def to_uint8(images_B3HW):
@@ -36,10 +36,8 @@ def save_image(array_HW3, path):
 
 
 def save_npz(path, **arrays):
-    """np.savez to a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = f'{path}.tmp.npz'
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """Small arrays to an .npz, atomically (see write_npz_streaming)."""
+    write_npz_streaming(path, {k: (np.shape(v), np.asarray(v).dtype, [np.asarray(v)]) for k, v in arrays.items()})
 
 
 def write_npz_streaming(path, arrays):
@@ -119,7 +117,7 @@ def load_image(path, size=256):
         with Image.open(path) as img:
             img = img.convert('RGB')
     except (OSError, ValueError) as e:
-        raise UserError(f'cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+        raise UserError(f'cannot read image {path} ({one_line(e)})') from None
     return np.asarray(_fit(img, size, Image.BICUBIC)), img.size
 
 
@@ -130,7 +128,7 @@ def load_mask(path, image_sizes, size=256):
         with Image.open(path) as img:
             img = img.convert('L')
     except (OSError, ValueError) as e:
-        raise UserError(f'cannot read mask {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+        raise UserError(f'cannot read mask {path} ({one_line(e)})') from None
     if img.size != (size, size):
         if any(s != img.size for s in image_sizes):
             raise UserError(f'--mask {path} is {img.size[0]}x{img.size[1]}; it must be {size}x{size} or the size of every input image')
