@@ -29,6 +29,18 @@ def run_main(script, args):
         sys.argv = old
 
 
+def user_error(script, args, capsys):
+    """Run main() on bad input: it must exit with status 2 and print exactly one line, no traceback.
+    Returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(script, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.count('\n') == 1 and 'Traceback' not in err, err
+    return err
+
+
 @pytest.fixture(scope='session')
 def models():
     return tiny.tiny_vae(), tiny.tiny_drafter(), tiny.tiny_refiner()

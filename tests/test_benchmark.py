@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark
-from conftest import ROOT, run_main
+from conftest import ROOT, user_error
 from models import VAR, VQVAE, Stage, code_schedule, generate
 
 
@@ -87,7 +87,4 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
                                           (['--paths', 'slow'], '--paths takes'),
                                           (['--batch_sizes', '0'], 'must be positive')])
 def test_benchmark_bad_input(args, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main(benchmark, ['--random_weights', '--device', 'cpu', *args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count('\n') == 1
+    assert message in user_error(benchmark, ['--random_weights', '--device', 'cpu', *args], capsys)

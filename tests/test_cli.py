@@ -9,7 +9,7 @@ import torch
 
 import infer_CoDe
 import infer_original
-from conftest import ROOT, run_main
+from conftest import ROOT, run_main, user_error
 
 GOLDEN_LABELS = '992,483,970,609'
 
@@ -88,12 +88,7 @@ BAD_CODE = [
 @pytest.mark.parametrize('args,message', BAD_CODE, ids=[' '.join(a) for a, _ in BAD_CODE])
 def test_bad_input_is_one_line_and_exit_2(args, message, checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        run_main(infer_CoDe, local(checkpoints) + args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2
-    assert message in err
-    assert err.count('\n') == 1 and 'Traceback' not in err
+    assert message in user_error(infer_CoDe, local(checkpoints) + args, capsys)
 
 
 BAD_HUB = [
@@ -112,25 +107,18 @@ def test_bad_input_is_refused_before_any_download(script, args, message, capsys,
     from utils import checkpoints as ck
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ck, 'download', lambda *a: pytest.fail('nothing may be downloaded'))
-    with pytest.raises(SystemExit) as e:
-        run_main(script, args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count('\n') == 1
+    assert message in user_error(script, args, capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message given on a machine without a GPU')
 def test_cuda_without_a_gpu(checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        run_main(infer_original, local(checkpoints, code=False) + ['--device', 'cuda'])
-    assert 'no CUDA GPU is available' in capsys.readouterr().err
+    assert 'no CUDA GPU is available' in user_error(infer_original, local(checkpoints, code=False) + ['--device', 'cuda'], capsys)
 
 
 def test_depth_flag_disagreeing_with_a_local_file(checkpoints, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        run_main(infer_original, local(checkpoints, code=False) + ['--model_depth', '16'])
-    assert '--model_depth 16 disagrees with' in capsys.readouterr().err
+    assert '--model_depth 16 disagrees with' in user_error(infer_original, local(checkpoints, code=False) + ['--model_depth', '16'], capsys)
 
 
 def test_a_real_process_prints_no_traceback(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sample_CoDe
-from conftest import ROOT, run_main
+from conftest import ROOT, user_error
 from models import code_schedule, generate
 from utils.io import to_uint8
 
@@ -122,17 +122,12 @@ BAD = [
 
 @pytest.mark.parametrize('args,message', BAD, ids=[' '.join(a) for a, _ in BAD])
 def test_bad_input(args, message, checkpoints, capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        run_main(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run')] + args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count('\n') == 1
+    assert message in user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run')] + args, capsys)
 
 
 def test_too_little_disk_is_refused_before_sampling(checkpoints, capsys, tmp_path, monkeypatch):
     import shutil
     monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
-    with pytest.raises(SystemExit):
-        run_main(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '0-9'])
-    err = capsys.readouterr().err
+    err = user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '0-9'], capsys)
     assert 'GB free' in err and '500 images' in err
     assert not (tmp_path / 'run' / 'batches').exists()
