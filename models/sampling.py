@@ -67,12 +67,12 @@ def sample_top_k(logits_BlV, top_k: int, top_p: float, temp: float, generator):
     (Logits tied with the k-th largest: the reference keeps them all, this keeps k.)"""
     B, l, V = logits_BlV.shape
     logits = logits_BlV.view(-1, V)
-    vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)  # descending
+    vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+    vals, idx = vals.flip(-1), idx.flip(-1)  # ascending, as top-p reads them; the top token is last
     if top_p > 0:
-        ascending = vals.flip(-1)
-        drop = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        drop[:, -1] = False
-        vals = vals.masked_fill(drop.flip(-1), -torch.inf)
+        drop = vals.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop[:, -1] = False  # a tiny top_p would drop every survivor: the top token always stays
+        vals = vals.masked_fill(drop, -torch.inf)
     probs = (vals / temp).softmax(dim=-1)
     noise = exponential_noise(logits, generator).gather(-1, idx)
     choice = (probs / noise).argmax(dim=-1, keepdim=True)

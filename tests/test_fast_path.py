@@ -1,49 +1,16 @@
 """The fast path's pieces against the straightforward computation: the static cache holds what a
 dense full-sequence pass computes, the cached per-scale logits equal that pass's, the fast path
 samples the very tokens of the straightforward one, and per-sample work happens once."""
-import math
+import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import code_schedule, generate
 from models.var import GrowingKVCache
+from reference import dense_forward, inputs_from_tokens
 
 LABELS = torch.tensor([5, 250, 999])
-
-
-def dense_forward(model, labels, inputs):
-    """An independent, teacher-forced pass over all 680 positions at once with a block-causal mask
-    (a position sees its own scale and the coarser ones), written from the parameters directly.
-    Returns every block's keys and values and the logits of both CFG halves."""
-    B = labels.shape[0]
-    cond = model.class_emb(torch.cat((labels, torch.full_like(labels, model.num_classes))))
-    level = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(model.patch_nums)])
-    pos = model.lvl_embed.weight[level] + model.pos_1LC[0]
-    x = torch.cat([cond[:, None] + model.pos_start[0]] +
-                  [model.word_embed(torch.cat(inputs, dim=1)).repeat(2, 1, 1)], dim=1) + pos
-    mask = level[:, None] >= level[None, :]
-    keys, values = [], []
-    for blk in model.blocks:
-        g1, g2, s1, s2, b1, b2 = (F.linear(F.silu(cond), blk.ada_lin[1].weight, blk.ada_lin[1].bias)
-                                  .view(2 * B, 1, 6, model.C).unbind(2))
-        a = F.layer_norm(x, (model.C,), eps=1e-6) * (1 + s1) + b1
-        at = blk.attn
-        qkv = a @ at.mat_qkv.weight.T + torch.cat((at.q_bias, torch.zeros_like(at.q_bias), at.v_bias))
-        q, k, v = qkv.view(2 * B, -1, 3, model.num_heads, model.C // model.num_heads).permute(2, 0, 3, 1, 4)
-        q = q / q.norm(dim=-1, keepdim=True) * at.scale_mul_1H11.clamp(max=math.log(100)).exp()
-        k = k / k.norm(dim=-1, keepdim=True)
-        w = (q @ k.transpose(-1, -2)).masked_fill(~mask, -math.inf).softmax(-1)
-        o = (w @ v).transpose(1, 2).reshape(2 * B, -1, model.C)
-        x = x + at.proj(o) * g1
-        f = F.layer_norm(x, (model.C,), eps=1e-6) * (1 + s2) + b2
-        x = x + blk.ffn.fc2(F.gelu(blk.ffn.fc1(f), approximate='tanh')) * g2
-        keys.append(k)
-        values.append(v)
-    s, b = F.linear(F.silu(cond), model.head_nm.ada_lin[1].weight, model.head_nm.ada_lin[1].bias).view(2 * B, 1, 2, model.C).unbind(2)
-    logits = model.head(F.layer_norm(x, (model.C,), eps=1e-6) * (1 + s) + b)
-    return keys, values, logits
 
 
 @pytest.mark.parametrize('which', ['drafter', 'refiner'])
@@ -88,6 +55,32 @@ def test_fast_path_samples_what_the_straightforward_path_samples(models, setting
     torch.testing.assert_close(f_fast, f_slow, rtol=0, atol=1e-6)
 
 
+def test_per_scale_top_k_and_temperature_apply_to_their_own_scale(models):
+    """top_k 1 makes a scale greedy: its tokens must be the argmax of the guided logits that an
+    independent teacher-forced pass computes from the sampled tokens (the drafter's for scales
+    before N, the refiner's after). Scales with top_k 0 sample the whole vocabulary, so some of
+    their tokens are not the argmax. The final features are the tokens' own accumulation."""
+    vae, drafter, refiner = models
+    n, cfg, S = 3, 2.0, 10
+    top_k = [0, 0, 1, 0, 0, 0, 1, 1, 0, 1]
+    tokens, f_hat = generate(code_schedule(drafter, refiner, n), vae, LABELS, seed=4, cfg=cfg, top_k=top_k, top_p=0.0,
+                             temp=[1.0] * 5 + [1e-3] + [1.0] * 4)  # a near-zero temperature is greedy too
+    with torch.inference_mode():
+        inputs, f_expected = inputs_from_tokens(vae, tokens)
+        logits = {m: dense_forward(m, LABELS, inputs)[2] for m in (drafter, refiner)}
+    torch.testing.assert_close(f_hat, f_expected, rtol=1e-4, atol=1e-4)
+    B = len(LABELS)
+    for si in range(S):
+        begin, end = drafter.begin_ends[si]
+        both = logits[drafter if si < n else refiner][:, begin:end]
+        t = cfg * si / (S - 1)
+        greedy = ((1 + t) * both[:B] - t * both[B:]).argmax(-1)
+        if top_k[si] == 1 or si == 5:
+            assert torch.equal(tokens[:, begin:end], greedy), si
+        elif si >= 3:
+            assert not torch.equal(tokens[:, begin:end], greedy), si
+
+
 def test_class_projections_are_computed_once_per_sample(models):
     """Every AdaLN projection runs once per model per call in the fast path, and once per scale the
     model runs in the straightforward one (as in the reference)."""
@@ -119,7 +112,7 @@ def test_kv_cache_size_is_what_the_model_needs(models):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='host syncs can only be detected on a GPU')
 def test_no_host_sync_inside_the_loop(models):
-    vae, drafter, refiner = (m.cuda() for m in models)
+    vae, drafter, refiner = (copy.deepcopy(m).cuda() for m in models)  # copies: later tests use the CPU models
     labels = LABELS.cuda()
     generate(code_schedule(drafter, refiner, 8), vae, labels, seed=0, cfg=1.5, top_k=600, top_p=0.96)  # warm-up
     torch.cuda.set_sync_debug_mode('error')

@@ -23,10 +23,22 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     logits = probs.log().view(1, 1, 4).clone()
     filter_logits_(logits, top_k=0, top_p=0.65)
     assert torch.isinf(logits[0, 0]).tolist() == [True, False, True, False]
-    # the most likely token always survives, however small top_p is
-    logits = probs.log().view(1, 1, 4).clone()
-    filter_logits_(logits, top_k=0, top_p=0.01)
-    assert torch.isinf(logits[0, 0]).tolist() == [True, False, True, True]
+
+
+def test_the_most_likely_token_survives_a_top_p_that_drops_everything():
+    """With top_p 1e-9 (1.0 - 1e-9 rounds to 1.0 in float32) the cumulative test drops every token
+    of a row whose probabilities sum to at most 1: the guard must keep the top one, in the filter
+    and in both samplers, so every draw is the argmax."""
+    logits = torch.randn(4, 64, 4096, generator=torch.Generator().manual_seed(0)) * 3
+    filtered = filter_logits_(logits.clone(), top_k=0, top_p=1e-9)
+    kept = torch.isfinite(filtered)
+    assert kept.sum(-1).max() == 1 and torch.equal(kept.float().argmax(-1), logits.argmax(-1))
+    for top_k in (0, 600):
+        for sampler in (sample_full, sample_top_k):
+            if sampler is sample_top_k and top_k == 0:
+                continue
+            tokens = sampler(logits.clone(), top_k, 1e-9, 1.0, torch.Generator().manual_seed(1))
+            assert torch.equal(tokens, logits.argmax(-1)), (sampler.__name__, top_k)
 
 
 def test_zero_switches_both_filters_off():
