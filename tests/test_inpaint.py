@@ -72,6 +72,30 @@ def test_outpainting_keeps_the_centre_features_and_regenerates_the_rest(models):
     assert (f_hat[~keep] != f_hats[-1][~keep]).float().mean() > 0.99
 
 
+def test_the_region_reaches_16x16_by_nearest_sampling(models):
+    """As the reference: cell (i, j) of the 16x16 grid takes pixel (16 i, 16 j) of the mask, so a box
+    from 40 to 200 regenerates columns 3..12 (48..192), and rows 24 to 130 regenerate rows 2..8."""
+    vae = models[0]
+    region = torch.zeros(1, 1, 256, 256)
+    region[..., 24:130, 40:200] = 1
+    with torch.inference_mode():
+        _, keep = known_region(vae, torch.zeros(1, 3, 256, 256), region)
+    expected = torch.ones(16, 16, dtype=torch.bool)
+    expected[2:9, 3:13] = False
+    assert torch.equal(keep[0, 0], expected)
+
+
+def test_images_are_resized_bicubic_then_centre_cropped(tmp_path):
+    """A 300x200 image: shorter side to 256 (384x256, PIL's bicubic), then the centred 256 columns."""
+    from utils.io import load_image
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    img.save(tmp_path / 'wide.png')
+    loaded, size = load_image(str(tmp_path / 'wide.png'))
+    expected = np.asarray(img.resize((384, 256), Image.BICUBIC))[:, 64:320]
+    assert size == (300, 200) and np.array_equal(loaded, expected)
+
+
 @pytest.fixture(scope='module')
 def pngs(tmp_path_factory):
     folder = tmp_path_factory.mktemp('images')
