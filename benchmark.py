@@ -5,7 +5,7 @@ steps) and batch size: latency (median and spread over --repeats, warm-up exclud
 images/s, speedup over `original` at the same batch size, achieved TFLOP/s (and the share of
 --peak_tflops), peak memory split into parameters, KV cache and running memory, and the time of
 every scale for drafter and refiner; each without and with the VQVAE decode. Prints the tables,
-then the JSON (also written to --json); --plot draws latency against batch size (matplotlib).
+and writes every figure to --json; --plot draws latency against batch size (matplotlib).
 
     python benchmark.py --random_weights --modes original,8,6 --batch_sizes 1,16,64 --peak_tflops 800
     python benchmark.py --random_weights --device cpu --drafter_depth 8 --refiner_depth 4 --batch_sizes 1,4 --paths fast,straightforward
@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import VAR, VQVAE, Stage, code_schedule, generate
 from models.var import compile_steps
 from utils.checkpoints import load_vae, load_var, vae_path, var_path
-from utils.cli import CODE_TEMP, DTYPES, Parser, comma_list, autocast, main_guard, runtime
+from utils.cli import CODE_TEMP, DTYPES, Parser, autocast, check_writable, comma_list, main_guard, runtime
+from utils.io import check_image_path
 from utils.errors import UserError
 from utils.timing import Clock, reset_peak_memory
 
@@ -36,23 +37,23 @@ MiB = 2 ** 20
 def parser():
     p = Parser(description=__doc__.split('\n\n')[0])
     p.add_argument('--modes', type=comma_list(str, '--modes'), default='original,9,8,7,6', help="'original' and CoDe draft steps (default original,9,8,7,6)")
-    p.add_argument('--drafter_depth', type=int, default=30)
-    p.add_argument('--refiner_depth', type=int, default=16)
-    p.add_argument('--batch_sizes', type=comma_list(int, '--batch_sizes'), default='1,16,64')
+    p.add_argument('--drafter_depth', type=int, default=30, help="drafter VAR depth, also the 'original' model (default 30)")
+    p.add_argument('--refiner_depth', type=int, default=16, help='refiner VAR depth (default 16)')
+    p.add_argument('--batch_sizes', type=comma_list(int, '--batch_sizes'), default='1,16,64', help='comma-separated batch sizes (default 1,16,64)')
     p.add_argument('--random_weights', action='store_true', help='real sizes, random weights, no download')
-    p.add_argument('--drafter_ckpt', default=None)
-    p.add_argument('--refiner_ckpt', default=None)
-    p.add_argument('--vae_ckpt', default=None)
+    p.add_argument('--drafter_ckpt', default=None, help='local drafter checkpoint (default: var_d{drafter_depth}.pth from the hub)')
+    p.add_argument('--refiner_ckpt', default=None, help='local refiner checkpoint (default: var_d{refiner_depth}.pth from the hub)')
+    p.add_argument('--vae_ckpt', default=None, help='local VQVAE checkpoint (default: vae_ch160v4096z32.pth from the hub)')
     p.add_argument('--vae_ch', type=int, default=160, help='VQVAE width with --random_weights (default 160, the official)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda, cuda:N or cpu (default: cuda if available)')
     p.add_argument('--dtype', choices=list(DTYPES), default=None, help='autocast precision (default fp16 on CUDA, fp32 on CPU)')
     p.add_argument('--compile', action='store_true', help='CUDA graphs per scale (torch.compile reduce-overhead); off on CPU')
     p.add_argument('--paths', type=comma_list(str, '--paths'), default='fast',
                    help="'fast' (default) and/or 'straightforward' (the reference's growing cache, per-scale AdaLN, full-vocabulary sampling)")
-    p.add_argument('--warmup', type=int, default=1)
-    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--warmup', type=int, default=1, help='untimed runs first, per mode and batch size (default 1)')
+    p.add_argument('--repeats', type=int, default=5, help='timed runs, per mode and batch size (default 5)')
     p.add_argument('--peak_tflops', type=float, default=None, help="the device's peak, for the share achieved (e.g. 800 for an H100 in bf16)")
-    p.add_argument('--json', default=None, help='write the results here too')
+    p.add_argument('--json', default=None, help='write every figure (and the command, device, torch version) here as JSON')
     p.add_argument('--plot', default=None, help='latency against batch size per mode, as a PNG (needs matplotlib)')
     return p
 
@@ -69,9 +70,13 @@ def check(args):
         raise UserError("--paths takes 'fast' and/or 'straightforward'")
     if args.compile and 'straightforward' in args.paths:
         raise UserError('--compile applies to the fast path only; drop straightforward from --paths')
+    if args.json:
+        check_writable(args.json, '--json')
     if args.plot:
+        check_image_path(args.plot, '--plot')
+        check_writable(args.plot, '--plot')
         try:
-            import matplotlib  # noqa: F401  (optional dependency, only for --plot)
+            import matplotlib  # noqa: F401  (in requirements.txt; only --plot needs it)
         except ImportError:
             raise UserError('--plot needs matplotlib (pip install matplotlib)') from None
 
@@ -282,6 +287,10 @@ def plot(results, path):
         rows = [r for r in results if (r['mode'], r['path']) == key]
         label = ('VAR (drafter alone)' if key[0] == 'original' else f'CoDe N={key[0]}') + ('' if key[1] == 'fast' else f' ({key[1]})')
         ax.plot([r['batch'] for r in rows], [r['ms'] / 1000 for r in rows], marker='o', label=label)
+    ax.set_xscale('log', base=2)  # batch sizes are 1, 2, 4 ... 64: even steps, and ticks at the sizes measured
+    sizes = sorted({r['batch'] for r in results})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
     ax.set_xlabel('batch size')
     ax.set_ylabel('latency per batch, s (decode excluded)')
     ax.legend()
@@ -306,14 +315,13 @@ def main():
                 torch=torch.__version__, dtype=str(dtype).removeprefix('torch.'),
                 compile=args.compile, command=' '.join(['python'] + sys.argv), random_weights=args.random_weights)
     print_tables(results, args)
-    report = dict(meta=meta, results=results)
-    print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(report, f, indent=1)
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+        print(f'\nresults saved to {args.json}')
     if args.plot:
         plot(results, args.plot)
-
+        print(f'plot saved to {args.plot}')
 
 if __name__ == '__main__':
     main_guard(main)

@@ -19,7 +19,7 @@ from models import code_schedule, generate
 from models.sampling import known_region
 from utils import io
 from utils.checkpoints import load_code_models, load_vae, vae_path
-from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast,
+from utils.cli import (CODE_TEMP, REQUIRED, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast,
                        check_sampling, check_writable, comma_list, main_guard, runtime)
 from utils.errors import UserError
 from utils.infer import prepare
@@ -35,10 +35,10 @@ def parser():
     g.add_argument('--mask', default=None, help='mask image, white = regenerate (256x256, or the size of the input images)')
     g.add_argument('--invert', action='store_true', help='regenerate outside the region instead (outpainting)')
     add_code_model_flags(p, draft_steps_max=10)
-    add_sampling_flags(p, cfg=4.0, top_k='600', top_p=0.95, temp=CODE_TEMP, labels='')
+    add_sampling_flags(p, cfg=4.0, top_k='600', top_p=0.95, temp=CODE_TEMP, labels=REQUIRED)
     add_runtime_flags(p)
     g = p.add_argument_group('output')
-    g.add_argument('--output', default='output_inpaint.png', help='grid: input, masked input, result, per image')
+    g.add_argument('--output', default='output_inpaint.png', help='grid: input, masked input, result, per image (default output_inpaint.png)')
     g.add_argument('--save_npz', default=None, help='also save tokens (B, 680), labels (B,) and images (B, 256, 256, 3) uint8')
     return p
 

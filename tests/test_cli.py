@@ -1,7 +1,12 @@
 """The two scripts end to end: reference parity through --save_npz, and one-line errors (exit 2)
 for bad input."""
+import argparse
+import copy
+import importlib
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +15,8 @@ import torch
 import infer_CoDe
 import infer_original
 from conftest import ROOT, run_main, user_error
+from models import code_schedule, generate
+from utils import cli
 
 GOLDEN_LABELS = '992,483,970,609'
 
@@ -82,6 +89,12 @@ BAD_CODE = [
     (['--output', '/no/such/folder/x.png'], 'does not exist'),
     (['--output', 'grid.xyz'], 'unknown image type'),
     (['--device', 'tpu'], '--device'),
+    (['--class_labels', '1,,2'], "empty entry in '1,,2'"),
+    (['--top_k', '600,'], 'empty entry'),
+    (['--dtype', 'fp16', '--device', 'cpu'], '--dtype fp16 is for GPUs'),
+    (['--save_npz', '.'], 'is a folder'),
+    (['--output', '/proc/x.png'], 'cannot write in /proc'),
+    (['--save_npz', '/proc/x.npz'], 'cannot write in /proc'),
 ]
 
 
@@ -125,3 +138,120 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / 'infer_CoDe.py'), '--draft_steps', '12'], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip() == 'infer_CoDe.py: error: --draft_steps must be in 1-9, got 12'
+
+
+SCRIPTS = ['infer_CoDe', 'infer_original', 'sample_CoDe', 'inpaint_CoDe', 'benchmark', 'evaluate']
+
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_every_flag_has_help_that_states_its_default(name):
+    parser = importlib.import_module(name).parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f'{name} {action.option_strings} has no help'
+        if action.default not in (None, False) and not action.required:
+            assert 'default' in action.help.lower(), f'{name} {action.option_strings}: default {action.default!r} not shown'
+
+
+def test_inpaint_without_class_labels_names_the_flag(capsys):
+    import inpaint_CoDe
+    assert '--class_labels' in user_error(inpaint_CoDe, ['--image', 'x.png', '--box', '0,0,8,8'], capsys)
+
+
+def test_offline_hub_fails_at_once_with_one_line(tmp_path):
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
+    r = subprocess.run([sys.executable, str(ROOT / 'infer_original.py')], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stdout == ''
+    assert r.stderr.count('\n') == 1 and 'var_d30.pth is not in the Hugging Face cache and HF_HUB_OFFLINE is set' in r.stderr
+
+
+def test_a_download_says_what_it_fetches_before_it_starts(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+    import infer_original
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(huggingface_hub, 'try_to_load_from_cache', lambda *a, **k: None)  # nothing cached
+
+    def no_network(**kw):
+        assert 'downloading var_d24.pth (about 4.1 GB) from the Hugging Face repo FoundationVision/var' in capsys.readouterr().out
+        raise OSError('network unreachable')
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
+    err = user_error(infer_original, ['--model_depth', '24', '--output', str(tmp_path / 'o.png')], capsys)
+    assert 'could not get var_d24.pth' in err and 'network unreachable' in err and '--var_ckpt' in err
+
+
+# ----------------------------------------------------------------------------- precision, autocast, TF32, --compile
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """runtime() as it behaves on a machine with one GPU (nothing runs on it)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    for module in (torch.backends.cuda.matmul, torch.backends.cudnn):  # restored after the test
+        monkeypatch.setattr(module, 'allow_tf32', module.allow_tf32)
+
+
+def runtime_of(**flags):
+    return cli.runtime(SimpleNamespace(**{'device': 'cuda', 'dtype': None, 'compile': False, **flags}))
+
+
+def test_gpu_defaults_to_fp16_with_tf32_and_fp32_turns_tf32_off(fake_gpu):
+    """The reference samples in fp16 autocast; fp32 must be exact fp32 (no TF32 matmuls)."""
+    assert runtime_of()[1] == torch.float16
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert runtime_of(dtype='bf16')[1] == torch.bfloat16
+    assert runtime_of(dtype='fp32')[1] == torch.float32
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    args = SimpleNamespace(device='cuda', dtype=None, compile=True)
+    cli.runtime(args)
+    assert args.compile, '--compile stays on on a GPU'
+    args = SimpleNamespace(device='cpu', dtype=None, compile=True)
+    assert cli.runtime(args)[1] == torch.float32 and not args.compile
+
+
+def test_infer_samples_under_autocast_in_the_dtype_asked(checkpoints, tmp_path, monkeypatch):
+    """--dtype bf16 (on the CPU here): the KV caches are allocated in bf16 because sampling runs
+    under bf16 autocast."""
+    from models import var as var_module
+    dtypes = []
+    original = var_module.KVCache.__init__
+    monkeypatch.setattr(var_module.KVCache, '__init__', lambda self, *a: (original(self, *a), dtypes.append(self.k.dtype))[0])
+    run_main(infer_CoDe, local(checkpoints) + ['--device', 'cpu', '--dtype', 'bf16', '--class_labels', '1,2', '--repeats', '1',
+                                              '--output', str(tmp_path / 'o.png')])
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+
+
+def test_compile_captures_every_scale_step_and_samples_the_eager_tokens(models, monkeypatch):
+    """--compile wraps each model's step in torch.compile (reduce-overhead, one full graph per scale);
+    traced here with the eager backend (CUDA graphs need a GPU), so a graph break fails the test."""
+    from utils.infer import prepare
+    vae, _, refiner = models
+    real, seen = torch.compile, []
+
+    def compile_eagerly(fn, **kw):
+        seen.append(kw)
+        return real(fn, backend='eager', fullgraph=kw['fullgraph'], dynamic=kw['dynamic'])
+
+    monkeypatch.setattr(torch, 'compile', compile_eagerly)
+    model = copy.deepcopy(refiner)  # the session's models stay uncompiled
+    schedule = code_schedule(model, model, 8)  # prefill steps too
+    prepare(SimpleNamespace(compile=True, top_k=[600] * 10), schedule, vae, [1, 2])
+    assert seen == [dict(mode='reduce-overhead', fullgraph=True, dynamic=False)]
+    kw = dict(seed=0, cfg=1.5, top_k=600, top_p=0.96)
+    compiled, _ = generate(schedule, vae, torch.tensor([1, 2]), **kw)
+    eager, _ = generate(code_schedule(refiner, refiner, 8), vae, torch.tensor([1, 2]), **kw)
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_on_a_gpu_compile_samples_the_eager_tokens_and_peak_memory_is_reported(checkpoints, tmp_path, capsys):
+    outs = []
+    for extra in ([], ['--compile']):
+        npz = tmp_path / f'{len(extra)}.npz'
+        run_main(infer_CoDe, local(checkpoints) + ['--class_labels', '1,2,3', '--repeats', '2', '--dtype', 'fp32',
+                                                  '--output', str(tmp_path / 'o.png'), '--save_npz', str(npz), *extra])
+        outs.append(np.load(npz)['tokens'])
+        assert 'MiB (torch.cuda.max_memory_allocated)' in capsys.readouterr().out
+    assert np.array_equal(*outs)

@@ -21,17 +21,31 @@ HUB_DEPTHS = (16, 20, 24, 30)
 CODE_DRAFTER_DEPTH, CODE_REFINER_DEPTH, CODE_DRAFT_STEPS = 30, 16, (6, 7, 8, 9)
 
 
+# Approximate sizes of the official files (fp32), to say what a first run is about to fetch
+FILE_GB = {VAE_FILE: 0.44, 'var_d16.pth': 1.2, 'var_d20.pth': 2.4, 'var_d24.pth': 4.1, 'var_d30.pth': 8.0}
+FILE_GB.update({f'drafter_{n}.pth': 8.0 for n in CODE_DRAFT_STEPS})
+FILE_GB.update({f'refiner_{n}.pth': 1.2 for n in CODE_DRAFT_STEPS})
+
+
 def download(repo_id: str, filename: str, flag: str) -> str:
     """Path of repo_id/filename in the Hugging Face cache, downloading it if needed
     (HF_HUB_OFFLINE, HF_ENDPOINT and HF_HOME are honoured by huggingface_hub)."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line message
+    cached = try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        return cached
+    advice = f'download it yourself and pass its path with {flag}'
+    if constants.HF_HUB_OFFLINE:  # say so at once rather than after the hub client's retries
+        raise UserError(f'{filename} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; unset it, or {advice}')
+    size = f'about {FILE_GB[filename]:.1f} GB' if filename in FILE_GB else 'size unknown'
+    print(f'downloading {filename} ({size}) from the Hugging Face repo {repo_id} into {constants.HF_HUB_CACHE} '
+          f'(once; HF_HUB_OFFLINE=1 makes a machine without network fail at once)', flush=True)
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename)
-    except Exception as e:  # network, offline mode, missing file, auth: one message for all
-        raise UserError(f'could not get {filename} from the Hugging Face repo {repo_id} ({one_line(e)}); '
-                        f'download it yourself and pass its path with {flag}') from None
+    except Exception as e:  # network, missing file, auth: one message for all
+        raise UserError(f'could not get {filename} from the Hugging Face repo {repo_id} ({one_line(e)}); {advice}') from None
 
 
 def read_state_dict(path: str) -> dict:

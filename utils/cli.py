@@ -2,15 +2,17 @@
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 NUM_SCALES = 10
 DEFAULT_LABELS = '992,992,483,483,970,970,609,609,978,978,985,985,963,963,949,949'
 CODE_TOP_K = '600'
 CODE_TEMP = ','.join(['1.1'] * 7 + ['1.0'] * 3)
+REQUIRED = object()  # add_sampling_flags(labels=REQUIRED): --class_labels has no default
 DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}
 
 
@@ -30,8 +32,11 @@ def main_guard(main):
 
 def comma_list(kind, name):
     def parse(text):
+        values = [v.strip() for v in text.split(',')]
+        if '' in values:  # '1,,2' is a typo, not '1,2'
+            raise argparse.ArgumentTypeError(f'{name} has an empty entry in {text!r}')
         try:
-            return [kind(v) for v in text.split(',') if v.strip() != '']
+            return [kind(v) for v in values]
         except ValueError:
             raise argparse.ArgumentTypeError(f'{name} takes comma-separated {kind.__name__}s, got {text!r}') from None
     return parse
@@ -47,10 +52,15 @@ def per_scale(values, flag):
 
 
 def add_sampling_flags(p, cfg, top_k, top_p, temp=None, seed=42, labels=DEFAULT_LABELS):
-    """temp=None: no --temp flag (plain VAR has none) and --top_k is one value; else both are per scale."""
+    """temp=None: no --temp flag (plain VAR has none) and --top_k is one value; else both are per scale.
+    labels: the --class_labels default; REQUIRED makes the flag required, None leaves it out."""
     g = p.add_argument_group('sampling')
-    if labels is not None:
-        g.add_argument('--class_labels', type=comma_list(int, '--class_labels'), default=labels, help='comma-separated ImageNet classes')
+    if labels is REQUIRED:
+        g.add_argument('--class_labels', type=comma_list(int, '--class_labels'), required=True,
+                       help='comma-separated ImageNet classes, one per image (required)')
+    elif labels is not None:
+        g.add_argument('--class_labels', type=comma_list(int, '--class_labels'), default=labels,
+                       help=f'comma-separated ImageNet classes (default: the reference\'s 16, {labels})')
     g.add_argument('--seed', type=int, default=seed, help=f'seed of the sampling generator (default {seed})')
     g.add_argument('--cfg', type=float, default=cfg, help=f'classifier-free guidance strength, reached at the last scale (default {cfg})')
     g.add_argument('--top_k', type=comma_list(int, '--top_k'), default=top_k,
@@ -133,6 +143,8 @@ def runtime(args):
     if device.type not in ('cuda', 'cpu'):
         raise UserError(f'--device {args.device}: only cuda and cpu are supported')
     dtype = DTYPES[args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')]
+    if device.type == 'cpu' and dtype == torch.float16:  # CPUs emulate fp16 matmuls: about 50x slower than fp32
+        raise UserError('--dtype fp16 is for GPUs; on the CPU use fp32 (the default) or bf16 (slower than fp32 on most CPUs)')
     if getattr(args, 'compile', False) and device.type != 'cuda':
         print('note: --compile is off on CPU (it captures CUDA graphs); running eagerly')
         args.compile = False
@@ -147,9 +159,15 @@ def autocast(device, dtype):
 
 
 def check_writable(path, flag):
-    """Fail before sampling, not after, when an output cannot be written."""
+    """Fail before sampling, not after, when an output cannot be written: a file is created and
+    removed in its folder (permission bits alone do not tell, e.g. for root or in /proc)."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a folder; give a file name')
     if not os.path.isdir(folder):
         raise UserError(f'{flag} {path}: folder {folder} does not exist')
-    if not os.access(folder, os.W_OK):
-        raise UserError(f'{flag} {path}: folder {folder} is not writable')
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
+            pass
+    except OSError as e:
+        raise UserError(f'{flag} {path}: cannot write in {folder} ({one_line(e)})') from None
