@@ -228,11 +228,12 @@ def test_compile_captures_every_scale_step_and_samples_the_eager_tokens(models, 
     traced here with the eager backend (CUDA graphs need a GPU), so a graph break fails the test."""
     from utils.infer import prepare
     vae, _, refiner = models
-    real, seen = torch.compile, []
+    real, seen, steps = torch.compile, [], []
 
     def compile_eagerly(fn, **kw):
         seen.append(kw)
-        return real(fn, backend='eager', fullgraph=kw['fullgraph'], dynamic=kw['dynamic'])
+        compiled = real(fn, backend='eager', fullgraph=kw['fullgraph'], dynamic=kw['dynamic'])
+        return lambda *a: (steps.append(a[0]), compiled(*a))[1]
 
     monkeypatch.setattr(torch, 'compile', compile_eagerly)
     model = copy.deepcopy(refiner)  # the session's models stay uncompiled
@@ -241,6 +242,7 @@ def test_compile_captures_every_scale_step_and_samples_the_eager_tokens(models, 
     assert seen == [dict(mode='reduce-overhead', fullgraph=True, dynamic=False)]
     kw = dict(seed=0, cfg=1.5, top_k=600, top_p=0.96)
     compiled, _ = generate(schedule, vae, torch.tensor([1, 2]), **kw)
+    assert steps == list(range(8)) + list(range(10)), 'every scale, prefill included, runs through the compiled step'
     eager, _ = generate(code_schedule(refiner, refiner, 8), vae, torch.tensor([1, 2]), **kw)
     assert torch.equal(compiled, eager)
 
