@@ -297,6 +297,7 @@ def plot(results, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return ax
 
 
 def cpu_name():

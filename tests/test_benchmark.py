@@ -67,6 +67,7 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('Latency per batch')
+    assert '"results"' not in r.stdout and r.stdout.rstrip().endswith(f'results saved to {out}'), 'tables on screen, JSON in the file'
     report = json.loads(out.read_text())
     rows = report['results']
     assert [(x['path'], x['mode'], x['batch']) for x in rows] == [
@@ -85,6 +86,16 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
 
 @pytest.mark.parametrize('args,message', [(['--modes', 'original,12'], "'12' is neither"),
                                           (['--paths', 'slow'], '--paths takes'),
-                                          (['--batch_sizes', '0'], 'must be positive')])
+                                          (['--batch_sizes', '0'], 'must be positive'),
+                                          (['--json', '/no/such/dir/b.json'], 'does not exist'),
+                                          (['--plot', 'p.pdfx'], 'unknown image type')])
 def test_benchmark_bad_input(args, message, capsys):
     assert message in user_error(benchmark, ['--random_weights', '--device', 'cpu', *args], capsys)
+
+
+def test_plot_has_a_log2_batch_axis_with_the_sizes_measured(tmp_path):
+    rows = [dict(mode=m, path='fast', batch=b, ms=b * (2 if m == 'original' else 1)) for m in ('original', '8') for b in (1, 4, 16, 64)]
+    ax = benchmark.plot(rows, str(tmp_path / 'p.png'))
+    assert ax.get_xscale() == 'log' and [t.get_text() for t in ax.get_xticklabels()] == ['1', '4', '16', '64']
+    assert (tmp_path / 'p.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert [line.get_label() for line in ax.get_lines()] == ['VAR (drafter alone)', 'CoDe N=8']
