@@ -248,6 +248,19 @@ def test_compile_captures_every_scale_step_and_samples_the_eager_tokens(models, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_on_a_gpu_fp16_is_the_default_and_fp32_is_exact_fp32(checkpoints, tmp_path, monkeypatch):
+    from models import var as var_module
+    dtypes = []
+    original = var_module.KVCache.__init__
+    monkeypatch.setattr(var_module.KVCache, '__init__', lambda self, *a: (original(self, *a), dtypes.append(self.k.dtype))[0])
+    args = local(checkpoints) + ['--class_labels', '1,2', '--repeats', '1', '--output', str(tmp_path / 'o.png')]
+    run_main(infer_CoDe, args)
+    assert set(dtypes) == {torch.float16}
+    run_main(infer_CoDe, args + ['--dtype', 'fp32'])
+    assert dtypes[-1] == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 def test_on_a_gpu_compile_samples_the_eager_tokens_and_peak_memory_is_reported(checkpoints, tmp_path, capsys):
     outs = []
     for extra in ([], ['--compile']):
