@@ -20,9 +20,9 @@ from models.sampling import known_region
 from utils import io
 from utils.checkpoints import load_code_models, load_vae, vae_path
 from utils.cli import (CODE_TEMP, REQUIRED, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast,
-                       check_sampling, check_writable, comma_list, main_guard, runtime)
+                       check_sampling, check_writable, comma_list, describe_classes, main_guard, runtime)
 from utils.errors import UserError
-from utils.infer import prepare
+from utils.infer import prepare, save_outputs
 
 SIZE = 256
 
@@ -89,10 +89,10 @@ def main():
         result = io.to_uint8(vae.decode(f_hat).float())
     masked = np.where(region[None, :, :, None], np.uint8(128), images)
     io.save_image(io.grid(np.stack([t for triple in zip(images, masked, result) for t in triple]), nrow=3), args.output)
-    print(f'{len(images)} image(s): input, masked input and result saved to {args.output}')
+    print(f'{len(images)} image(s), classes {describe_classes(args.class_labels, schedule[0].model.num_classes)}: '
+          f'input, masked input and result saved to {args.output}')
     if args.save_npz:
-        io.save_npz(args.save_npz, tokens=tokens.to(torch.int32).cpu().numpy(), labels=np.asarray(args.class_labels, dtype=np.int64),
-                    images=result)
+        save_outputs(args.save_npz, tokens, args.class_labels, result, schedule[0].model.num_classes)
         print(f'tokens, labels and images saved to {args.save_npz}')
 
 

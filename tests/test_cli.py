@@ -84,7 +84,8 @@ BAD_CODE = [
     (['--top_k', '-5'], '--top_k must be >= 0'),
     (['--top_k', '5000'], 'exceeds the vocabulary size 4096'),
     (['--class_labels', '5,1000'], 'class 1000 is outside'),
-    (['--class_labels', 'a,b'], '--class_labels takes comma-separated ints'),
+    (['--class_labels', '1,golden retrievr'], "unknown ImageNet class name 'golden retrievr'; closest: golden retriever"),
+    (['--class_labels', 'Retriever'], "class name 'Retriever' is ambiguous: 5 names contain it (flat-coated retriever"),
     (['--repeats', '0'], '--repeats must be >= 1'),
     (['--output', '/no/such/folder/x.png'], 'does not exist'),
     (['--output', 'grid.xyz'], 'unknown image type'),
@@ -270,3 +271,16 @@ def test_on_a_gpu_compile_samples_the_eager_tokens_and_peak_memory_is_reported(c
         outs.append(np.load(npz)['tokens'])
         assert 'MiB (torch.cuda.max_memory_allocated)' in capsys.readouterr().out
     assert np.array_equal(*outs)
+
+
+def test_class_names_select_the_same_classes_as_numbers(checkpoints, tmp_path, capsys):
+    saved = []
+    for labels in ('Golden Retriever,tabby,207', '207,281,207'):
+        npz = tmp_path / 'names.npz'
+        run_main(infer_original, local(checkpoints, code=False) + ['--class_labels', labels, '--repeats', '1',
+                                                                   '--output', str(tmp_path / 'o.png'), '--save_npz', str(npz)])
+        saved.append(dict(np.load(npz)))
+    assert np.array_equal(saved[0]['tokens'], saved[1]['tokens'])
+    assert saved[0]['labels'].tolist() == [207, 281, 207]
+    assert saved[0]['class_names'].tolist() == ['golden retriever', 'tabby', 'golden retriever']
+    assert 'classes: 207 golden retriever, 281 tabby, 207 golden retriever' in capsys.readouterr().out

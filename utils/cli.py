@@ -1,5 +1,6 @@
 """Command-line flags shared by the scripts, validated so that bad input gets one line and exit 2."""
 import argparse
+import difflib
 import os
 import sys
 import tempfile
@@ -42,6 +43,38 @@ def comma_list(kind, name):
     return parse
 
 
+def imagenet_classes():
+    """The 1,000 ImageNet category names in class order, from torchvision's weight metadata (no download)."""
+    from torchvision.models import ResNet50_Weights
+    return ResNet50_Weights.IMAGENET1K_V1.meta['categories']
+
+
+def class_index(text):
+    """A class number, or an ImageNet category name matched case-insensitively ('golden retriever')."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    names = imagenet_classes()
+    key = ' '.join(text.lower().split())
+    exact = [i for i, name in enumerate(names) if name.lower() == key]
+    if exact:
+        return exact[0]
+    containing = [name for name in names if key in name.lower()]
+    if containing:
+        raise argparse.ArgumentTypeError(f'class name {text!r} is ambiguous: {len(containing)} names contain it '
+                                         f'({", ".join(containing[:6])}{", ..." if len(containing) > 6 else ""})')
+    lower = {name.lower(): name for name in names}
+    close = [lower[n] for n in difflib.get_close_matches(key, list(lower), n=5, cutoff=0.5)]
+    raise argparse.ArgumentTypeError(f'unknown ImageNet class name {text!r}' + (f'; closest: {", ".join(close)}' if close else ''))
+
+
+def describe_classes(labels, num_classes):
+    """'207 golden retriever, 281 tabby' for the official 1,000 classes; the numbers otherwise."""
+    names = imagenet_classes() if num_classes == 1000 else None
+    return ', '.join(f'{c} {names[c]}' if names else str(c) for c in labels)
+
+
 def per_scale(values, flag):
     """One value for every scale, or one per scale."""
     if len(values) == 1:
@@ -55,12 +88,13 @@ def add_sampling_flags(p, cfg, top_k, top_p, temp=None, seed=42, labels=DEFAULT_
     """temp=None: no --temp flag (plain VAR has none) and --top_k is one value; else both are per scale.
     labels: the --class_labels default; REQUIRED makes the flag required, None leaves it out."""
     g = p.add_argument_group('sampling')
+    names = 'numbers or names, e.g. "golden retriever,tabby,207"'
     if labels is REQUIRED:
-        g.add_argument('--class_labels', type=comma_list(int, '--class_labels'), required=True,
-                       help='comma-separated ImageNet classes, one per image (required)')
+        g.add_argument('--class_labels', type=comma_list(class_index, '--class_labels'), required=True,
+                       help=f'comma-separated ImageNet classes, {names}, one per image (required)')
     elif labels is not None:
-        g.add_argument('--class_labels', type=comma_list(int, '--class_labels'), default=labels,
-                       help=f'comma-separated ImageNet classes (default: the reference\'s 16, {labels})')
+        g.add_argument('--class_labels', type=comma_list(class_index, '--class_labels'), default=labels,
+                       help=f'comma-separated ImageNet classes, {names} (default: the reference\'s 16, {labels})')
     g.add_argument('--seed', type=int, default=seed, help=f'seed of the sampling generator (default {seed})')
     g.add_argument('--cfg', type=float, default=cfg, help=f'classifier-free guidance strength, reached at the last scale (default {cfg})')
     g.add_argument('--top_k', type=comma_list(int, '--top_k'), default=top_k,

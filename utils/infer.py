@@ -6,7 +6,7 @@ from models import generate
 from models.var import compile_steps
 
 from . import io, timing
-from .cli import autocast, check_labels, check_top_k, check_writable
+from .cli import autocast, check_labels, check_top_k, check_writable, describe_classes, imagenet_classes
 from .errors import UserError
 
 
@@ -17,6 +17,13 @@ def check_outputs(args):
         check_writable(args.save_npz, '--save_npz')
     if args.repeats < 1:
         raise UserError(f'--repeats must be >= 1, got {args.repeats}')
+
+
+def save_outputs(path, tokens, labels, images, num_classes):
+    """--save_npz: tokens int32 (B, 680), labels (B,), images uint8 (B, 256, 256, 3) and, for the
+    official 1,000 classes, each label's ImageNet name."""
+    names = dict(class_names=np.asarray([imagenet_classes()[c] for c in labels])) if num_classes == 1000 else {}
+    io.save_npz(path, tokens=tokens.to(torch.int32).cpu().numpy(), labels=np.asarray(labels, dtype=np.int64), images=images, **names)
 
 
 def prepare(args, schedule, vae, labels, flag='--class_labels'):
@@ -33,6 +40,7 @@ def run(args, schedule, vae, device, dtype, what):
     prepare(args, schedule, vae, args.class_labels)
     labels = torch.tensor(args.class_labels, device=device)
     print(f'{what}: batch {len(labels)}, seed {args.seed}, cfg {args.cfg}, device {device}, {str(dtype).removeprefix("torch.")}')
+    print(f'classes: {describe_classes(args.class_labels, schedule[0].model.num_classes)}')
     timing.reset_peak_memory(device)
     with torch.inference_mode(), autocast(device, dtype):
         for r in range(args.repeats):
@@ -48,6 +56,5 @@ def run(args, schedule, vae, device, dtype, what):
     io.save_image(io.grid(images), args.output)
     print(f'images saved to {args.output}')
     if args.save_npz:
-        io.save_npz(args.save_npz, tokens=tokens.to(torch.int32).cpu().numpy(),
-                    labels=np.asarray(args.class_labels, dtype=np.int64), images=images)
+        save_outputs(args.save_npz, tokens, args.class_labels, images, schedule[0].model.num_classes)
         print(f'tokens, labels and images saved to {args.save_npz}')
