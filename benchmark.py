@@ -1,7 +1,7 @@
 """Speed and memory of plain VAR and CoDe: the paper's efficiency tables (Tab. 3, Fig. 5b, 5c).
 
 For every mode (`original` = the drafter alone over all 10 scales; a number N = CoDe with N draft
-steps) and batch size: latency (median and spread over --repeats, warm-up excluded, synchronised),
+steps; each --schedule, a chain of any models) and batch size: latency (median and spread over --repeats, warm-up excluded, synchronised),
 images/s, speedup over `original` at the same batch size, achieved TFLOP/s (and the share of
 --peak_tflops), peak memory split into parameters, KV cache and running memory, and the time of
 every scale for drafter and refiner; each without and with the VQVAE decode. Prints the tables,
@@ -9,6 +9,7 @@ and writes every figure to --json; --plot draws latency against batch size (matp
 
     python benchmark.py --random_weights --modes original,8,6 --batch_sizes 1,16,64 --peak_tflops 800
     python benchmark.py --random_weights --device cpu --drafter_depth 8 --refiner_depth 4 --batch_sizes 1,4 --paths fast,straightforward
+    python benchmark.py --random_weights --modes original,8,6 --schedule d30:6,d20:8,d16   # a three-model cascade beside CoDe
 
 --random_weights builds the models at their real sizes with random weights (nothing is downloaded;
 speed does not depend on the weights' values). Without it the official var_d{depth}.pth files (or
@@ -17,6 +18,7 @@ speed does not depend on the weights' values). Without it the official var_d{dep
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 
@@ -25,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import VAR, VQVAE, Stage, code_schedule, generate
 from models.var import compile_steps
-from utils.checkpoints import load_vae, load_var, vae_path, var_path
+from utils.checkpoints import load_vae, load_var, parse_schedule, vae_path, var_path
 from utils.cli import CODE_TEMP, DTYPES, Parser, autocast, check_writable, comma_list, main_guard, runtime
 from utils.io import check_image_path
 from utils.errors import UserError
@@ -37,6 +39,9 @@ MiB = 2 ** 20
 def parser():
     p = Parser(description=__doc__.split('\n\n')[0])
     p.add_argument('--modes', type=comma_list(str, '--modes'), default='original,9,8,7,6', help="'original' and CoDe draft steps (default original,9,8,7,6)")
+    p.add_argument('--schedule', action='append', default=[],
+                   help='also measure this chain of models, MODEL:STOP,...,MODEL, e.g. d30:6,d20:8,d16 (dNN: that depth, random or '
+                        'official weights as for the other modes; or a checkpoint path); repeatable')
     p.add_argument('--drafter_depth', type=int, default=30, help="drafter VAR depth, also the 'original' model (default 30)")
     p.add_argument('--refiner_depth', type=int, default=16, help='refiner VAR depth (default 16)')
     p.add_argument('--batch_sizes', type=comma_list(int, '--batch_sizes'), default='1,16,64', help='comma-separated batch sizes (default 1,16,64)')
@@ -62,6 +67,8 @@ def check(args):
     for m in args.modes:
         if m != 'original' and not (m.isdigit() and 1 <= int(m) <= 9):
             raise UserError(f"--modes: {m!r} is neither 'original' nor a number of draft steps 1-9")
+    for text in args.schedule:
+        parse_schedule(text, hub=not args.random_weights)
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         raise UserError('--batch_sizes must be positive')
     if args.repeats < 1 or args.warmup < 0:
@@ -104,19 +111,32 @@ def random_model(cls, device, seed, **config):
 
 
 def build(args, device):
-    if args.random_weights:
-        vae = random_model(VQVAE, device, 0, ch=args.vae_ch)
-        drafter = random_model(VAR, device, 1, depth=args.drafter_depth, embed_dim=64 * args.drafter_depth, num_heads=args.drafter_depth)
-        refiner = random_model(VAR, device, 2, depth=args.refiner_depth, embed_dim=64 * args.refiner_depth, num_heads=args.refiner_depth)
-        return vae, drafter, refiner
-    drafter = load_var(var_path(args.drafter_ckpt, args.drafter_depth, '--drafter_ckpt'), device)
-    refiner = load_var(var_path(args.refiner_ckpt, args.refiner_depth, '--refiner_ckpt'), device) if \
-        any(m != 'original' for m in args.modes) else None
-    return load_vae(vae_path(args.vae_ckpt), device), drafter, refiner
+    """The VQVAE and {mode: schedule}; every model is built or loaded once, by name: a depth dNN (random
+    weights, or the official var_dNN.pth) or a checkpoint path."""
+    vae = random_model(VQVAE, device, 0, ch=args.vae_ch) if args.random_weights else load_vae(vae_path(args.vae_ckpt), device)
+    models = {}
 
+    def model(spec):
+        if spec not in models:
+            hub = re.fullmatch(r'd(\d+)', spec)
+            if hub and args.random_weights:
+                depth = int(hub.group(1))
+                models[spec] = random_model(VAR, device, depth, depth=depth, embed_dim=64 * depth, num_heads=depth)
+            else:
+                models[spec] = load_var(var_path(None, int(hub.group(1)), '--schedule') if hub else spec, device)
+        return models[spec]
 
-def schedule_for(mode, drafter, refiner):
-    return [Stage(drafter, 10)] if mode == 'original' else code_schedule(drafter, refiner, int(mode))
+    drafter = f'd{args.drafter_depth}' if args.random_weights or not args.drafter_ckpt else args.drafter_ckpt
+    refiner = f'd{args.refiner_depth}' if args.random_weights or not args.refiner_ckpt else args.refiner_ckpt
+    schedules = {}
+    for mode in args.modes + args.schedule:
+        if mode == 'original':
+            schedules[mode] = [Stage(model(drafter), 10)]
+        elif mode.isdigit():
+            schedules[mode] = code_schedule(model(drafter), model(refiner), int(mode))
+        else:
+            schedules[mode] = [Stage(model(spec), stop) for spec, stop in parse_schedule(mode, hub=not args.random_weights)]
+    return vae, schedules
 
 
 # ----------------------------------------------------------------------------- counting
@@ -208,17 +228,20 @@ def summarise(records):
     return sample, total, {k: statistics.median(v) for k, v in scales.items()}
 
 
+def role(stage, stages):
+    return 'drafter' if stage == 0 else 'refiner' if stage == stages - 1 else 'middle'
+
+
 def run(args):
     device, dtype = runtime(args)
-    vae, drafter, refiner = build(args, device)
+    vae, schedules = build(args, device)
     if args.compile:
-        for m in (drafter, refiner):
-            if m is not None:
-                compile_steps(m)
+        for schedule in schedules.values():
+            for stage in schedule:
+                compile_steps(stage.model)
     results = []
     for path in args.paths:
-        for mode in args.modes:
-            schedule = schedule_for(mode, drafter, refiner)
+        for mode, schedule in schedules.items():
             for B in args.batch_sizes:
                 records, peak = measure(schedule, vae, B, args, device, dtype, fast=path == 'fast')
                 sample, total, scales = summarise(records)
@@ -234,7 +257,7 @@ def run(args):
                          params_mib=params / MiB, kv_cache_mib=kv / MiB,
                          peak_mib=None if peak is None else peak / MiB,
                          running_mib=None if peak is None else (peak - params - kv) / MiB,
-                         scale_ms=[dict(model=f'VAR-d{schedule[stage].model.depth}', role=('drafter' if stage == 0 else 'refiner'),
+                         scale_ms=[dict(model=f'VAR-d{schedule[stage].model.depth}', stage=stage, role=role(stage, len(schedule)),
                                         scale=si, prefill=prefill, ms=ms) for (stage, si, prefill), ms in sorted(scales.items())])
                 r['images_per_s'] = B / r['ms'] * 1000
                 r['images_per_s_with_decode'] = B / r['ms_with_decode'] * 1000
@@ -259,14 +282,15 @@ def fmt(x, spec):
 
 
 def print_tables(results, args):
+    w = max(8, *(len(r['mode']) for r in results))
     print('Latency per batch (median over repeats, [min, max]); decode = the VQVAE decode included')
-    head = f'{"mode":>8} {"path":>15} {"batch":>5} | {"ms":>9} {"[min, max]":>19} {"img/s":>8} {"speedup":>7} {"TFLOP/s":>8}'
+    head = f'{"mode":>{w}} {"path":>15} {"batch":>5} | {"ms":>9} {"[min, max]":>19} {"img/s":>8} {"speedup":>7} {"TFLOP/s":>8}'
     head += f' {"%peak":>6}' if args.peak_tflops else ''
     head += f' | {"ms+dec":>9} {"img/s":>8} {"speedup":>7} | {"params":>8} {"KV":>8} {"running":>8} {"peak MiB":>8}'
     print(head)
     for r in results:
         spread = f'[{r["ms_min"]:.1f}, {r["ms_max"]:.1f}]'
-        line = (f'{r["mode"]:>8} {r["path"]:>15} {r["batch"]:>5} | {r["ms"]:9.1f} {spread:>19} '
+        line = (f'{r["mode"]:>{w}} {r["path"]:>15} {r["batch"]:>5} | {r["ms"]:9.1f} {spread:>19} '
                 f'{r["images_per_s"]:8.2f} {fmt(r["speedup"], "7.2f")} {r["tflops"]:8.2f}')
         line += f' {100 * r["peak_share"]:5.1f}%' if args.peak_tflops else ''
         line += (f' | {r["ms_with_decode"]:9.1f} {r["images_per_s_with_decode"]:8.2f} {fmt(r["speedup_with_decode"], "7.2f")} | '
@@ -275,7 +299,7 @@ def print_tables(results, args):
     print('\nTime per scale, ms (median); p = prefill of scales an earlier model decided')
     for r in results:
         cells = ' '.join(f'{s["role"][0]}{s["scale"]}{"p" if s["prefill"] else ""}:{s["ms"]:.1f}' for s in r['scale_ms'])
-        print(f'{r["mode"]:>8} {r["path"]:>15} {r["batch"]:>5} | {cells}')
+        print(f'{r["mode"]:>{w}} {r["path"]:>15} {r["batch"]:>5} | {cells}')
 
 
 def plot(results, path):
@@ -285,7 +309,8 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in dict.fromkeys((r['mode'], r['path']) for r in results):
         rows = [r for r in results if (r['mode'], r['path']) == key]
-        label = ('VAR (drafter alone)' if key[0] == 'original' else f'CoDe N={key[0]}') + ('' if key[1] == 'fast' else f' ({key[1]})')
+        name = 'VAR (drafter alone)' if key[0] == 'original' else f'CoDe N={key[0]}' if key[0].isdigit() else key[0]
+        label = name + ('' if key[1] == 'fast' else f' ({key[1]})')
         ax.plot([r['batch'] for r in rows], [r['ms'] / 1000 for r in rows], marker='o', label=label)
     ax.set_xscale('log', base=2)  # batch sizes are 1, 2, 4 ... 64: even steps, and ticks at the sizes measured
     sizes = sorted({r['batch'] for r in results})

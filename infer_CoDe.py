@@ -5,8 +5,7 @@ Writes a grid PNG (--output, default output_code.png) and, with --save_npz, the 
 and images. Prints the time of each repetition and the peak memory, to compare with
 infer_original.py.
 """
-from models import code_schedule
-from utils.checkpoints import load_code_models, load_vae, vae_path
+from utils.checkpoints import describe_schedule, load_code_schedule, load_vae, vae_path
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_output_flags, add_runtime_flags, add_sampling_flags,
                        check_sampling, main_guard, runtime)
 from utils.infer import check_outputs, run
@@ -26,11 +25,9 @@ def main():
     check_sampling(args, draft_steps_max=9, hub=not (args.drafter_ckpt and args.refiner_ckpt))
     check_outputs(args)
     device, dtype = runtime(args)
-    drafter, refiner = load_code_models(args, device)
+    schedule = load_code_schedule(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    run(args, code_schedule(drafter, refiner, args.draft_steps), vae, device, dtype,
-        f'CoDe: VAR-d{drafter.depth} drafts {args.draft_steps} scales, VAR-d{refiner.depth} refines')
-
+    run(args, schedule, vae, device, dtype, describe_schedule(schedule))
 
 if __name__ == '__main__':
     main_guard(main)

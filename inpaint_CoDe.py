@@ -15,10 +15,10 @@ region to regenerate greyed out, and the result.
 import numpy as np
 import torch
 
-from models import code_schedule, generate
+from models import generate
 from models.sampling import known_region
 from utils import io
-from utils.checkpoints import load_code_models, load_vae, vae_path
+from utils.checkpoints import load_code_schedule, load_vae, vae_path
 from utils.cli import (CODE_TEMP, REQUIRED, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast,
                        check_sampling, check_writable, comma_list, describe_classes, main_guard, runtime)
 from utils.errors import UserError
@@ -67,7 +67,7 @@ def main():
     args = parser().parse_args()
     if len(args.class_labels) != len(args.image):
         raise UserError(f'--class_labels needs one class per image: {len(args.image)} image(s), {len(args.class_labels)} label(s)')
-    check_sampling(args, draft_steps_max=10, hub=not args.drafter_ckpt)
+    check_sampling(args, draft_steps_max=10, hub=not (args.drafter_ckpt or args.refiner_ckpt))
     loaded = [io.load_image(path, SIZE) for path in args.image]
     images = np.stack([img for img, _ in loaded])
     region = regenerate_region(args, [size for _, size in loaded])
@@ -76,9 +76,8 @@ def main():
     if args.save_npz:
         check_writable(args.save_npz, '--save_npz')
     device, dtype = runtime(args)
-    drafter, refiner = load_code_models(args, device)
+    schedule = load_code_schedule(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    schedule = code_schedule(drafter, refiner, args.draft_steps)
     prepare(args, schedule, vae, args.class_labels)
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
     regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)

@@ -18,10 +18,10 @@ def math_attention(q, k, v, scale=None, **_):
     return ((q @ k.transpose(-1, -2)) * scale).softmax(-1) @ v
 
 
-@pytest.mark.parametrize('n', [10, 8, 3])
+@pytest.mark.parametrize('n', [10, 8, 3, 'cascade'])
 def test_flop_formula_equals_torchs_count_of_a_real_run(models, monkeypatch, n):
     vae, drafter, refiner = models
-    schedule = code_schedule(drafter, refiner, n)
+    schedule = [Stage(drafter, 4), Stage(refiner, 7), Stage(drafter, 10)] if n == 'cascade' else code_schedule(drafter, refiner, n)
     monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', math_attention)
     with FlopCounterMode(display=False) as counter:
         generate(schedule, vae, torch.tensor([1, 2, 3]), seed=0, cfg=1.5, top_k=600, top_p=0.96)
@@ -63,24 +63,29 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     out = tmp_path / 'b.json'
     r = subprocess.run([sys.executable, str(ROOT / 'benchmark.py'), '--random_weights', '--device', 'cpu', '--drafter_depth', '2',
                         '--refiner_depth', '1', '--vae_ch', '32', '--batch_sizes', '2', '--modes', 'original,8', '--warmup', '0',
-                        '--repeats', '2', '--paths', 'fast,straightforward', '--json', str(out)],
+                        '--repeats', '1', '--paths', 'fast,straightforward', '--json', str(out), '--schedule', 'd2:6,d3:8,d1'],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('Latency per batch')
     assert '"results"' not in r.stdout and r.stdout.rstrip().endswith(f'results saved to {out}'), 'tables on screen, JSON in the file'
     report = json.loads(out.read_text())
     rows = report['results']
+    cascade = 'd2:6,d3:8,d1'
     assert [(x['path'], x['mode'], x['batch']) for x in rows] == [
-        ('fast', 'original', 2), ('fast', '8', 2), ('straightforward', 'original', 2), ('straightforward', '8', 2)]
+        (path, mode, 2) for path in ('fast', 'straightforward') for mode in ('original', '8', cascade)]
     for i, x in enumerate(rows):
         assert x['ms_min'] <= x['ms'] <= x['ms_max'] and x['ms_with_decode'] > x['ms']
         assert x['images_per_s'] == pytest.approx(2 / x['ms'] * 1000)
-        assert x['speedup'] == pytest.approx(1.0 if x['mode'] == 'original' else rows[i - 1]['ms'] / x['ms'])
-        roles = [(s['role'], s['scale'], s['prefill']) for s in x['scale_ms']]
+        assert x['speedup'] == pytest.approx(rows[i - i % 3]['ms'] / x['ms'])
+        roles = [(s['model'], s['role'], s['scale'], s['prefill']) for s in x['scale_ms']]
         if x['mode'] == 'original':
-            assert roles == [('drafter', si, False) for si in range(10)]
+            assert roles == [('VAR-d2', 'drafter', si, False) for si in range(10)]
+        elif x['mode'] == '8':
+            assert roles == [('VAR-d2', 'drafter', si, False) for si in range(8)] + [('VAR-d1', 'refiner', si, si < 8) for si in range(10)]
         else:
-            assert roles == [('drafter', si, False) for si in range(8)] + [('refiner', si, si < 8) for si in range(10)]
+            assert roles == ([('VAR-d2', 'drafter', si, False) for si in range(6)] + [('VAR-d3', 'middle', si, si < 6) for si in range(8)]
+                             + [('VAR-d1', 'refiner', si, si < 8) for si in range(10)])
+    assert rows[2]['models'] == ['VAR-d2 scales 0-5', 'VAR-d3 scales 6-7', 'VAR-d1 scales 8-9']
     assert report['meta']['torch'] == torch.__version__
 
 

@@ -284,3 +284,49 @@ def test_class_names_select_the_same_classes_as_numbers(checkpoints, tmp_path, c
     assert saved[0]['labels'].tolist() == [207, 281, 207]
     assert saved[0]['class_names'].tolist() == ['golden retriever', 'tabby', 'golden retriever']
     assert 'classes: 207 golden retriever, 281 tabby, 207 golden retriever' in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- --schedule
+
+def tokens_of(script, args, tmp_path, name):
+    npz = tmp_path / f'{name}.npz'
+    run_main(script, args + ['--class_labels', '3,141', '--repeats', '1', '--output', str(tmp_path / 'o.png'), '--save_npz', str(npz)])
+    return np.load(npz)['tokens']
+
+
+def test_schedules_split_like_the_two_model_flags(checkpoints, tmp_path):
+    """A:8,B is --drafter A --refiner B --draft_steps 8; splitting B's stage in two (B prefills its own
+    scales with the same weights) changes nothing; a three-model cascade differs from both."""
+    a, b, m, vae = checkpoints['drafter'], checkpoints['refiner'], checkpoints['middle'], ['--vae_ckpt', checkpoints['vae']]
+    pair = tokens_of(infer_CoDe, local(checkpoints) + ['--draft_steps', '8'], tmp_path, 'pair')
+    assert np.array_equal(tokens_of(infer_CoDe, vae + ['--schedule', f'{a}:8,{b}'], tmp_path, 's2'), pair)
+    six = tokens_of(infer_CoDe, vae + ['--schedule', f'{a}:6,{b}'], tmp_path, 'six')
+    assert np.array_equal(tokens_of(infer_CoDe, vae + ['--schedule', f'{a}:6,{b}:8,{b}'], tmp_path, 'split'), six)
+    cascade = tokens_of(infer_CoDe, vae + ['--schedule', f'{a}:6,{m}:8,{b}'], tmp_path, 'cascade')
+    assert np.array_equal(cascade[:, :91], six[:, :91]), 'the drafter decides scales 1-6 alike'
+    assert not np.array_equal(cascade, six)
+
+
+def test_bad_schedules(checkpoints, tmp_path, capsys, monkeypatch):
+    import torch as t
+    from models import VAR
+    from utils import checkpoints as ck
+    monkeypatch.chdir(tmp_path)
+    a, b = checkpoints['drafter'], checkpoints['refiner']
+    small_vocab = tmp_path / 'v512.pth'
+    t.save(VAR(depth=1, embed_dim=64, num_heads=1, vocab_size=512).state_dict(), small_vocab)
+    cases = [
+        (f'{a}:6,{b}:6,{b}', 'must increase strictly within 1-9'),
+        (f'{a}:0,{b}', 'must increase strictly'),
+        (f'{a}:10,{b}', 'must increase strictly'),
+        (f'{a},{b}', 'needs the scale it stops before'),
+        (f'{a}:6,{b}:8', 'the last model runs to the end'),
+        (f'{a}:6,,{b}', 'empty entry'),
+        (f'/no/such.pth:6,{b}', 'checkpoint not found: /no/such.pth'),
+        (f'{a}:6,{small_vocab}', 'has vocab_size 512'),
+    ]
+    for schedule, message in cases:
+        assert message in user_error(infer_CoDe, ['--vae_ckpt', checkpoints['vae'], '--schedule', schedule], capsys), schedule
+    assert 'replaces --draft_steps' in user_error(infer_CoDe, ['--schedule', f'{a}:6,{b}', '--draft_steps', '6'], capsys)
+    monkeypatch.setattr(ck, 'download', lambda *a: pytest.fail('nothing may be downloaded'))
+    assert 'no official VAR of depth 12' in user_error(infer_CoDe, ['--schedule', 'd30:6,d12:8,d16'], capsys)

@@ -11,7 +11,7 @@ import torch
 
 from models import VAR, VQVAE
 
-VAE_SALT, DRAFTER_SALT, REFINER_SALT = 0, 1, 2
+VAE_SALT, DRAFTER_SALT, REFINER_SALT, MIDDLE_SALT = 0, 1, 2, 3
 SPECIAL = {'class_emb.weight', 'pos_start', 'pos_1LC', 'lvl_embed.weight'}
 
 
@@ -52,6 +52,11 @@ def tiny_refiner():
     return apply_rule(VAR(depth=1, embed_dim=64, num_heads=1), REFINER_SALT)
 
 
+def tiny_middle():
+    """A third model for cascades (drafter -> middle -> refiner); no golden fixture uses it."""
+    return apply_rule(VAR(depth=1, embed_dim=128, num_heads=2), MIDDLE_SALT)
+
+
 def official_state_dict(model):
     """The state dict as the official code saves it: with the buffers this code derives instead of
     loading (VAR's level index, training mask and zero key bias; the VQVAE's usage statistic)."""
@@ -67,9 +72,9 @@ def official_state_dict(model):
 
 
 def save_checkpoints(folder):
-    """Write the tiny VQVAE, drafter and refiner as official-format checkpoint files; returns their paths."""
+    """Write the tiny VQVAE, drafter, refiner and middle model as official-format checkpoint files; returns their paths."""
     paths = {}
-    for name, build in (('vae', tiny_vae), ('drafter', tiny_drafter), ('refiner', tiny_refiner)):
+    for name, build in (('vae', tiny_vae), ('drafter', tiny_drafter), ('refiner', tiny_refiner), ('middle', tiny_middle)):
         paths[name] = str(folder / f'tiny_{name}.pth')
         torch.save(official_state_dict(build()), paths[name])
     return paths

@@ -10,7 +10,7 @@ import zipfile
 
 import torch
 
-from models import VAR, VQVAE
+from models import VAR, VQVAE, Stage, code_schedule
 from models.quant import PATCH_NUMS
 
 from .errors import UserError, one_line
@@ -204,3 +204,67 @@ def load_code_models(args, device):
                                             args.draft_steps, args.training_free)
     return (load_var(drafter_file, device, '--drafter_depth', drafter_depth),
             load_var(refiner_file, device, '--refiner_depth', refiner_depth))
+
+
+# ----------------------------------------------------------------------------- --schedule: any chain of models
+
+def parse_schedule(text: str, num_scales: int = 10, hub: bool = True):
+    """'d30:6,d20:8,d16' -> [('d30', 6), ('d20', 8), ('d16', 10)]: each model (a hub depth dNN or a
+    checkpoint path) with the scale it stops before; the last one runs to the end. Checked before
+    anything is downloaded."""
+    entries = [e.strip() for e in text.split(',')]
+    if '' in entries:
+        raise UserError(f'--schedule has an empty entry in {text!r}')
+    stages = []
+    for i, entry in enumerate(entries):
+        model, sep, stop = entry.rpartition(':')
+        if not (sep and stop.isdigit()):
+            model, stop = entry, None
+        last = i == len(entries) - 1
+        if stop is None and not last:
+            raise UserError(f'--schedule: {entry!r} needs the scale it stops before, MODEL:STOP (only the last model runs to the end)')
+        if stop is not None and last:
+            raise UserError(f'--schedule: the last model runs to the end; write {model!r} without :{stop}')
+        if hub and re.fullmatch(r'd\d+', model):  # hub=False: depths name random-weight models (benchmark.py)
+            check_hub_depth(None, int(model[1:]), '--schedule')
+        stages.append((model, num_scales if last else int(stop)))
+    stops = [stop for _, stop in stages[:-1]]
+    if any(not 1 <= s < num_scales for s in stops) or stops != sorted(set(stops)):
+        raise UserError(f'--schedule: the stops {",".join(map(str, stops))} must increase strictly within 1-{num_scales - 1}')
+    return stages
+
+
+def load_schedule(stages, device):
+    """The models of a parsed schedule as [(VAR, stop), ...]; a model named twice is loaded once.
+    All must share one vocabulary, latent width and list of scales (they hand token maps over)."""
+    models = {}
+    for spec, _ in stages:
+        if spec not in models:
+            hub = re.fullmatch(r'd(\d+)', spec)
+            models[spec] = load_var(var_path(None, int(hub.group(1)), '--schedule') if hub else spec, device, '--schedule')
+    first = models[stages[0][0]]
+    for spec, model in models.items():
+        for key in ('vocab_size', 'Cvae', 'patch_nums', 'num_classes'):
+            if model.config[key] != first.config[key]:
+                raise UserError(f'--schedule: {spec} has {key} {model.config[key]}, {stages[0][0]} has {first.config[key]}; '
+                                f'the models of a schedule must agree')
+    return [(models[spec], stop) for spec, stop in stages]
+
+
+def load_code_schedule(args, device):
+    """The schedule the CoDe flags name: --schedule, or the drafter/refiner shorthand (--draft_steps 10
+    where allowed: the drafter alone)."""
+    if getattr(args, 'stages', None):
+        return [Stage(model, stop) for model, stop in load_schedule(args.stages, device)]
+    drafter, refiner = load_code_models(args, device)
+    return code_schedule(drafter, refiner, args.draft_steps)
+
+
+def describe_schedule(schedule):
+    """'CoDe: VAR-d30 drafts 8 scales, VAR-d16 refines', or every stage's scales for other chains."""
+    if len(schedule) == 1:
+        return f'VAR-d{schedule[0].model.depth} alone'
+    if len(schedule) == 2:
+        return f'CoDe: VAR-d{schedule[0].model.depth} drafts {schedule[0].stop} scales, VAR-d{schedule[1].model.depth} refines'
+    starts = [0] + [stage.stop for stage in schedule[:-1]]
+    return 'cascade: ' + ', '.join(f'VAR-d{m.depth} scales {a + 1}-{stop}' for (m, stop), a in zip(schedule, starts))

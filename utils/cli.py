@@ -2,6 +2,7 @@
 import argparse
 import difflib
 import os
+import re
 import sys
 import tempfile
 
@@ -13,6 +14,7 @@ NUM_SCALES = 10
 DEFAULT_LABELS = '992,992,483,483,970,970,609,609,978,978,985,985,963,963,949,949'
 CODE_TOP_K = '600'
 CODE_TEMP = ','.join(['1.1'] * 7 + ['1.0'] * 3)
+TWO_MODEL_FLAGS = ('drafter_depth', 'refiner_depth', 'draft_steps', 'training_free', 'drafter_ckpt', 'refiner_ckpt')
 REQUIRED = object()  # add_sampling_flags(labels=REQUIRED): --class_labels has no default
 DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}
 
@@ -118,11 +120,15 @@ def add_code_model_flags(p, draft_steps_max):
     g = p.add_argument_group('models')
     g.add_argument('--drafter_depth', type=int, default=None, help='drafter VAR depth (default 30; with --drafter_ckpt, the file\'s)')
     g.add_argument('--refiner_depth', type=int, default=None, help='refiner VAR depth (default 16; with --refiner_ckpt, the file\'s)')
-    g.add_argument('--draft_steps', type=int, default=8,
+    g.add_argument('--draft_steps', type=int, default=None,
                    help=f'scales the drafter samples, 1-{draft_steps_max}{" (10 = the drafter alone, plain VAR)" if draft_steps_max == 10 else ""} (default 8)')
     g.add_argument('--training_free', action='store_true', help='use the official VAR weights instead of the fine-tuned CoDe pair')
     g.add_argument('--drafter_ckpt', default=None, help='local drafter checkpoint')
     g.add_argument('--refiner_ckpt', default=None, help='local refiner checkpoint')
+    g.add_argument('--schedule', default=None,
+                   help='any chain of models instead of the drafter/refiner flags: MODEL:STOP,...,MODEL, e.g. d30:6,d20:8,d16 '
+                        '(a hub depth dNN, official VAR weights, or a checkpoint path; each runs the scales before its STOP, '
+                        'the last to the end)')
 
 
 def add_output_flags(p, default_output):
@@ -145,7 +151,16 @@ def check_sampling(args, draft_steps_max=None, hub=False):
         raise UserError('--temp must be > 0')
     if args.cfg < 0:
         raise UserError(f'--cfg must be >= 0, got {args.cfg}')
-    if draft_steps_max is not None and not 1 <= args.draft_steps <= draft_steps_max:
+    if getattr(args, 'schedule', None):
+        given = [f for f in TWO_MODEL_FLAGS if getattr(args, f) not in (None, False)]
+        if given:
+            raise UserError(f'--schedule replaces --{given[0]}; give either the schedule or the drafter/refiner flags')
+        from .checkpoints import parse_schedule
+        args.stages = parse_schedule(args.schedule)
+        hub = hub and all(re.fullmatch(r'd\d+', spec) for spec, _ in args.stages)  # local files may have other classes
+    elif draft_steps_max is not None:
+        args.draft_steps = 8 if args.draft_steps is None else args.draft_steps
+    if draft_steps_max is not None and not args.schedule and not 1 <= args.draft_steps <= draft_steps_max:
         raise UserError(f'--draft_steps must be in 1-{draft_steps_max}, got {args.draft_steps}')
     if hub and getattr(args, 'class_labels', None) is not None:
         check_labels(args.class_labels, 1000)
