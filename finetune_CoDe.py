@@ -11,6 +11,7 @@ every step is logged to OUTPUT_DIR/log.jsonl; OUTPUT_DIR/weights.pth loads in in
 Rerunning the same command continues from the last saved state.
 """
 import os
+import sys
 
 from utils import distributed
 from utils.cli import Parser, main_guard, runtime
@@ -76,6 +77,9 @@ def main():
     rank, world, device = distributed.setup(device)
     try:
         run(args, rank, world, device, dtype)
+    except KeyboardInterrupt:  # the saved state is whole (written atomically): say how to go on, no traceback
+        print(f'\ninterrupted; rerun the same command to continue from the last saved state in {args.output_dir}', file=sys.stderr)
+        sys.exit(130)
     finally:
         distributed.teardown()
 

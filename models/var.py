@@ -1,11 +1,11 @@
 """VAR: a GPT-style transformer that predicts the token map of each scale from all coarser ones.
 
 Inference runs one scale at a time (`forward_scale`): the scale's tokens attend to themselves
-and to every earlier scale through a KV cache. Training (`forward`, teacher forcing) runs the
-same blocks over the known tokens of many scales at once, a block-causal mask in place of the
-cache. Everything that depends only on the class
+and to every earlier scale through a KV cache. Everything that depends only on the class
 label (the class embedding, every block's AdaLN scale/shift/gate, the head's AdaLN), and the
-attention's bias and temperature, are computed once per run by `condition`, not once per scale. Parameter names follow the
+attention's bias and temperature, are computed once per run by `condition`, not once per scale.
+Training (`forward`, teacher forcing) runs the same blocks over the known tokens of many scales at
+once, a block-causal mask in place of the cache. Parameter names follow the
 official checkpoints (var_d16.pth ... var_d30.pth, drafter_N.pth, refiner_N.pth).
 """
 import itertools

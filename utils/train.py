@@ -146,12 +146,17 @@ def wrap(student, args, world, device):
     if world == 1:
         return student
     if args.fsdp:
+        import warnings
         from torch.distributed.fsdp import fully_shard
+        # the logits come back as a view; nothing writes them in place, which is what FSDP2 warns about
+        warnings.filterwarnings('ignore', message='FSDP2-wrapped module .* returned a view tensor')
         for block in student.blocks:
             fully_shard(block)
         return fully_shard(student)
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
+    # gradients live in DDP's buckets rather than beside them: one copy of the gradients, not two
+    return DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None,
+                                   gradient_as_bucket_view=True)
 
 
 def all_mean(values, world, device):
@@ -187,12 +192,19 @@ def load_state(path, model, optimizer):
 
 
 def read_log(path, before_step):
-    """The log lines of steps already in the saved state (a killed run may have logged a few more)."""
+    """The log lines of steps already in the saved state: a killed run may have logged a few more,
+    the last perhaps cut short."""
     if not os.path.exists(path):
         return []
+    kept = []
     with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return [line for line in lines if json.loads(line)['step'] < before_step]
+        for line in f:
+            try:
+                if json.loads(line)['step'] < before_step:
+                    kept.append(line if line.endswith('\n') else line + '\n')
+            except (ValueError, KeyError):
+                pass
+    return kept
 
 
 class Batches:
