@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from models import VAR
 from . import distributed
 from .checkpoints import VAE_FILE, load_vae, load_var, save_var, var_path, vae_path
 from .errors import UserError

@@ -67,6 +67,10 @@ class _Images(torch.utils.data.Dataset):
         return (torch.from_numpy(array) if array is not None else torch.zeros(0, dtype=torch.uint8)), i, why or ''
 
 
+def _as_columns(items):
+    return list(zip(*items))  # (arrays, indices, errors): images may fail, so no stacking here
+
+
 def _atomic_json(path, obj):
     with open(path + '.tmp', 'w') as f:
         json.dump(obj, f, indent=1)
@@ -84,9 +88,9 @@ def encode(vae, images_BHW3, hflip):
     return torch.cat(tokens, dim=1).to(torch.int16).cpu().numpy()
 
 
-def _encode_shard(vae, root, files, start, hflip, batch_size, workers, progress, path):
+def _encode_shard(vae, root, files, hflip, batch_size, workers, progress, path):
     loader = torch.utils.data.DataLoader(_Images([os.path.join(root, f) for f in files]), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=lambda items: list(zip(*items)))
+                                         num_workers=workers, collate_fn=_as_columns)
     out = []
     for arrays, indices, whys in loader:
         for i, why in zip(indices, whys):
@@ -128,9 +132,8 @@ def token_cache(cache_dir, root, vae, vae_id, hflip, flag, rank=0, world=1, batc
         mine = todo[rank::world]
         with tqdm(total=len(files), initial=len(files) - sum(min(SHARD_SIZE, len(files) - s) for s in todo), unit='img',
                   desc=f'encoding {os.path.basename(root.rstrip("/"))}', disable=rank != 0, leave=False) as progress:
-            for s in mine:
-                progress.total = len(files)  # other processes encode alongside: the bar shows this one's share
-                _encode_shard(vae, root, files[s:s + SHARD_SIZE], s, hflip, batch_size, workers, progress,
+            for s in mine:  # other processes encode alongside; rank 0's bar counts its own share
+                _encode_shard(vae, root, files[s:s + SHARD_SIZE], hflip, batch_size, workers, progress,
                               os.path.join(shard_dir, f'{s:09d}.npy'))
         distributed.barrier()
         if rank == 0:
