@@ -3,7 +3,9 @@
 Inference runs one scale at a time (`forward_scale`): the scale's tokens attend to themselves
 and to every earlier scale through a KV cache. Everything that depends only on the class
 label (the class embedding, every block's AdaLN scale/shift/gate, the head's AdaLN), and the
-attention's bias and temperature, are computed once per run by `condition`, not once per scale. Parameter names follow the
+attention's bias and temperature, are computed once per run by `condition`, not once per scale.
+Training (`forward`, teacher forcing) runs the same blocks over the known tokens of many scales at
+once, a block-causal mask in place of the cache. Parameter names follow the
 official checkpoints (var_d16.pth ... var_d30.pth, drafter_N.pth, refiner_N.pth).
 """
 import itertools
@@ -14,6 +16,7 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .quant import PATCH_NUMS
 
@@ -25,6 +28,7 @@ class KVCache:
 
     k, v: (depth, 2B, heads, positions, head_dim); both CFG halves share the batch dimension.
     """
+    attn_mask = None  # a scale sees every cached position
 
     def __init__(self, depth, batch, heads, positions, head_dim, dtype, device):
         shape = (depth, batch, heads, positions, head_dim)
@@ -49,6 +53,8 @@ class GrowingKVCache:
     """The reference's cache, kept as the baseline that benchmark.py and the tests compare with:
     every scale concatenates, copying the whole cache (and holding two copies at the peak)."""
 
+    attn_mask = None
+
     def __init__(self, depth):
         self.k, self.v = [None] * depth, [None] * depth
 
@@ -60,6 +66,17 @@ class GrowingKVCache:
         self.k[i] = k if self.k[i] is None else torch.cat((self.k[i], k), dim=2)
         self.v[i] = v if self.v[i] is None else torch.cat((self.v[i], v), dim=2)
         return self.k[i], self.v[i]
+
+
+class BlockCausal:
+    """Teacher forcing: no cache, all positions 0..end-1 run at once; each attends to its own scale
+    and the coarser ones, exactly what the KV cache lets it see when sampling."""
+
+    def __init__(self, level_L):
+        self.attn_mask = level_L[:, None] >= level_L[None, :]  # True = may attend
+
+    def update(self, i, begin, end, k, v):
+        return k, v
 
 
 class SelfAttention(nn.Module):
@@ -86,7 +103,7 @@ class SelfAttention(nn.Module):
         q = F.normalize(q, dim=-1).mul(q_scale)
         k = F.normalize(k, dim=-1)
         k_all, v_all = cache.update(i, begin, end, k, v)
-        out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, scale=1.0)
+        out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=cache.attn_mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B2, L, C))
 
 
@@ -118,6 +135,8 @@ class Block(nn.Module):
         return (gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2), self.attn.constants()
 
     def forward(self, x, constants, cache, i, begin, end):
+        if isinstance(constants, torch.Tensor):  # training passes the class embedding: made here, where FSDP2 has gathered this block
+            constants = self.constants(constants)
         (gamma1, gamma2, scale1, scale2, shift1, shift2), attn_constants = constants
         x = x + self.attn(self.ln(x).mul(scale1).add_(shift1), attn_constants, cache, i, begin, end).mul_(gamma1)
         return x + self.ffn(self.ln(x).mul(scale2).add_(shift2)).mul(gamma2)
@@ -183,8 +202,11 @@ class VAR(nn.Module):
     def condition(self, labels_B) -> Condition:
         uncond = torch.full_like(labels_B, self.num_classes)
         cond_BD = self.class_emb(torch.cat((labels_B, uncond)))
-        start = cond_BD.unsqueeze(1) + self.pos_start.expand(cond_BD.shape[0], -1, -1) + self.level_position(0)
-        return Condition(start, [b.constants(cond_BD) for b in self.blocks], self.head_nm.modulation(cond_BD))
+        return Condition(self.start(cond_BD), [b.constants(cond_BD) for b in self.blocks], self.head_nm.modulation(cond_BD))
+
+    def start(self, cond_BD):
+        """Scale 0's input: the class embedding at the start position."""
+        return cond_BD.unsqueeze(1) + self.pos_start.expand(cond_BD.shape[0], -1, -1) + self.level_position(0)
 
     def level_position(self, si):
         """Level (scale) embedding plus absolute position embedding of scale si's positions: (1, pn*pn, C)."""
@@ -194,6 +216,34 @@ class VAR(nn.Module):
     def embed_input(self, si, x_BlCvae):
         """The input of scale si >= 1 from the VQVAE's features (B, pn*pn, Cvae), for both CFG halves."""
         return (self.word_embed(x_BlCvae) + self.level_position(si)).repeat(2, 1, 1)
+
+    def scale_index(self, end):
+        """(end,) the scale of each position 0..end-1."""
+        return torch.cat([torch.full((e - b,), si) for si, (b, e) in enumerate(self.begin_ends)])[:end]
+
+    def forward(self, labels_B, inputs_BLCvae, num_scales=None, head_begin=0, grad_ckpt=False):
+        """Teacher forcing: the class-conditional logits (B, l - head_begin, V) of positions
+        head_begin..l-1, l the positions of the first num_scales scales (default all), from the
+        labels and the VQVAE inputs of scales 1.. (B, >= l - 1, Cvae; see
+        MultiScaleQuantizer.teacher_inputs). One pass over all l positions through the blocks and
+        head sampling uses; no guidance half, so a "no class" row is simply the label num_classes.
+        head_begin spares the head (B x positions x 4096 logits) the positions a loss ignores."""
+        num_scales = num_scales or len(self.patch_nums)
+        end = self.begin_ends[num_scales - 1][1]
+        first = self.begin_ends[0][1]
+        cond_BD = self.class_emb(labels_B)
+        # word_embed runs even on an empty input (one scale) so that every parameter takes part (DDP)
+        rest = self.word_embed(inputs_BLCvae[:, :end - first])
+        if num_scales > 1:
+            rest = rest + torch.cat([self.level_position(si) for si in range(1, num_scales)], dim=1)
+        x = torch.cat((self.start(cond_BD), rest), dim=1)
+        mask = BlockCausal(self.scale_index(end).to(x.device))
+        for i, block in enumerate(self.blocks):
+            if grad_ckpt:  # keep only each block's input; recompute the inside during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cond_BD, mask, i, 0, end, use_reentrant=False)
+            else:
+                x = block(x, cond_BD, mask, i, 0, end)
+        return self.head_logits(x[:, head_begin:], self.head_nm.modulation(cond_BD))
 
     def new_cache(self, batch2, num_scales, dtype, device) -> KVCache:
         """A cache for both CFG halves and the positions of the first num_scales scales."""
@@ -208,7 +258,10 @@ class VAR(nn.Module):
         return x
 
     def logits(self, h, cond: Condition):
-        return self.head(self.head_nm(h.float(), cond.head).float()).float()
+        return self.head_logits(h, cond.head)
+
+    def head_logits(self, h, head_modulation):
+        return self.head(self.head_nm(h.float(), head_modulation).float()).float()
 
     def step(self, si, x, cond: Condition, cache, cfg_t=None):
         """One fixed-shape scale: blocks, head and guidance, (B, pn*pn, V) logits; cfg_t None = prefill

@@ -148,6 +148,23 @@ def load_var(path: str, device, depth_flag: str = '--depth', depth=None) -> VAR:
     return load_into(model, sd, path).to(device)
 
 
+def official_var_state_dict(sd: dict, model: VAR) -> dict:
+    """sd plus the buffers the official VAR saves and this code derives, so that the file loads in
+    the official code as well as here."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    level = model.scale_index(model.L).view(1, -1)
+    sd['lvl_1L'] = level
+    sd['attn_bias_for_masking'] = torch.where(level.view(-1, 1) >= level, 0.0, -torch.inf).view(1, 1, model.L, model.L)
+    sd.update({f'blocks.{i}.attn.zero_k_bias': torch.zeros(model.C) for i in range(model.depth)})
+    return sd
+
+
+def save_var(sd: dict, model: VAR, path: str):
+    """A VAR state dict in the official layout, written to a temporary name and renamed when whole."""
+    torch.save(official_var_state_dict(sd, model), path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
 def vae_path(local):
     return local or download(VAR_REPO, VAE_FILE, '--vae_ckpt')
 
