@@ -141,7 +141,7 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     assert r.stderr.strip() == 'infer_CoDe.py: error: --draft_steps must be in 1-9, got 12'
 
 
-SCRIPTS = ['infer_CoDe', 'infer_original', 'sample_CoDe', 'inpaint_CoDe', 'benchmark', 'evaluate']
+SCRIPTS = ['infer_CoDe', 'infer_original', 'sample_CoDe', 'inpaint_CoDe', 'benchmark', 'evaluate', 'finetune_CoDe']
 
 
 @pytest.mark.parametrize('name', SCRIPTS)
@@ -151,7 +151,7 @@ def test_every_flag_has_help_that_states_its_default(name):
         if isinstance(action, argparse._HelpAction):
             continue
         assert action.help, f'{name} {action.option_strings} has no help'
-        if action.default not in (None, False) and not action.required:
+        if action.default not in (None, False, []) and not action.required:
             assert 'default' in action.help.lower(), f'{name} {action.option_strings}: default {action.default!r} not shown'
 
 
