@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -14,6 +15,21 @@ from scipy import linalg
 import evaluate
 from conftest import ROOT, user_error
 from utils.errors import UserError
+from utils.io import iter_npz_array
+
+
+def fid_without_sqrtm(x, y):
+    """The Frechet distance of two feature sets (rows) without any matrix square root: with Xc, Yc the
+    centred features, S1 S2 = Xc^T (Xc Yc^T) Yc / c shares its non-zero eigenvalues with M M^T / c,
+    M = Xc Yc^T, c = (n - 1)(m - 1); so tr((S1 S2)^(1/2)) = (sum of M's singular values) / sqrt(c)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    trace_root = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / math.sqrt((len(x) - 1) * (len(y) - 1))
+    return np.sum((x.mean(0) - y.mean(0)) ** 2) + np.sum(xc ** 2) / (len(x) - 1) + np.sum(yc ** 2) / (len(y) - 1) - 2 * trace_root
+
+
+def unbiased_stats(x):
+    xc = x - x.mean(0)
+    return x.mean(0), xc.T @ xc / (len(x) - 1)
 
 
 # ----------------------------------------------------------------------------- FID
@@ -55,6 +71,24 @@ def test_fid_retries_a_non_finite_square_root_with_eps():
     offset = np.eye(2) * 1e-6
     expected = 2 - 2 * np.trace(linalg.sqrtm((s1 + offset) @ (s2 + offset))).real
     assert math.isfinite(fid) and fid == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_of_rank_deficient_covariances_is_exact_and_quiet():
+    """Fewer points than dimensions, as on any small set: scipy's "Matrix is singular" warning is
+    noise (the value is right), so it must not reach the user."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))  # scipy finds this product singular
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fid = evaluate.frechet_distance(*unbiased_stats(x), *unbiased_stats(y))
+    assert fid == pytest.approx(fid_without_sqrtm(x, y), rel=1e-6)
+
+
+def test_fid_with_a_large_imaginary_square_root_is_an_error():
+    """diag(1, 1) times diag(-1, 1) (not a covariance) has the square root diag(i, 1): imaginary part 1 on
+    the diagonal, far above the evaluator's 1e-3."""
+    with pytest.raises(UserError, match='imaginary component 1 '):
+        evaluate.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
 
 # ----------------------------------------------------------------------------- Inception Score
@@ -149,6 +183,51 @@ def test_end_to_end(inception_file, tmp_path):
     assert 8 / 12 <= metrics['precision'] <= 1 and 8 / 12 <= metrics['recall'] <= 1  # 8 images are in both sets
     assert metrics['inception_score'] >= 1 and metrics['num_samples'] == 12
 
+
+
+def test_files_that_are_not_npz_archives(tmp_path, capsys):
+    """Any file, a truncated archive, an archive whose statistics fail their CRC: one line, exit 2."""
+    good = tmp_path / 'good.npz'
+    np.savez(good, arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / 'README.md').write_text('# not an archive\n')
+    (tmp_path / 'truncated.npz').write_bytes(good.read_bytes()[:700])
+    np.savez(tmp_path / 'stats.npz', mu=np.zeros(3), sigma=np.full((3, 3), 7.0), mu_s=np.zeros(2), sigma_s=np.eye(2))
+    data = bytearray((tmp_path / 'stats.npz').read_bytes())
+    at = data.index(np.full((3, 3), 7.0).tobytes())
+    data[at + 5] ^= 0xFF  # inside sigma's values: only its CRC tells
+    (tmp_path / 'crc.npz').write_bytes(bytes(data))
+    weights = ['--inception_weights', str(good)]
+    for bad in ('README.md', 'truncated.npz'):
+        assert 'cannot read' in user_error(evaluate, [str(tmp_path / bad), str(good)] + weights, capsys), bad
+        assert 'cannot read' in user_error(evaluate, [str(good), str(tmp_path / bad)] + weights, capsys), bad
+    assert 'cannot read the statistics' in user_error(evaluate, [str(tmp_path / 'crc.npz'), str(good)] + weights, capsys)
+
+
+def test_device_errors_name_the_device_not_the_weights(tmp_path, capsys, monkeypatch):
+    good = tmp_path / 'good.npz'
+    np.savez(good, arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    args = [str(good), str(good), '--inception_weights', str(good), '--device']
+    assert 'no CUDA GPU' in user_error(evaluate, args + ['cuda'], capsys)
+    assert 'unknown device' in user_error(evaluate, args + ['nonsense'], capsys)
+    assert 'only cuda and cpu' in user_error(evaluate, args + ['meta'], capsys)
+
+
+def test_device_flag_says_what_it_takes_and_its_default():
+    text = ' '.join(evaluate.parser().format_help().split())
+    start = text.rindex('--device DEVICE')  # its entry in the options, not the usage line
+    device = text[start:text.index('--inception_weights INCEPTION_WEIGHTS', start)]
+    default = 'cuda' if torch.cuda.is_available() else 'cpu'
+    assert 'cpu' in device and f'default: cuda if available, here {default}' in device
+
+
+def test_npz_rows_come_out_writable(tmp_path):
+    """torch.from_numpy warns on every read-only batch; the rows must be writable (and right)."""
+    images = np.arange(24, dtype=np.uint8).reshape(4, 2, 3)
+    for save in (np.savez, np.savez_compressed):
+        save(tmp_path / 'a.npz', arr_0=images)
+        rows = list(iter_npz_array(str(tmp_path / 'a.npz'), 'arr_0', 3))
+        assert [r.flags.writeable for r in rows] == [True, True] and np.array_equal(np.concatenate(rows), images)
 
 
 def test_bad_input(tmp_path, capsys):
