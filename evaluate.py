@@ -8,16 +8,20 @@ Both files hold `arr_0` (uint8, N x H x W x 3); the reference batch may also hol
 Features come from the TensorFlow FID Inception-v3 as torch-fidelity ports it (its weights, and its
 TF1-exact bilinear resize to 299). The metrics are printed and written to SAMPLE.metrics.json.
 """
+import argparse
 import json
 import os
+import sys
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import torch
 from scipy import linalg
 from tqdm import tqdm
 
-from utils.cli import Parser, main_guard
+from utils.cli import Parser, main_guard, runtime
 from utils.errors import UserError, one_line
 from utils.io import iter_npz_array, npz_array_header
 
@@ -25,6 +29,9 @@ SPLIT_SIZE = 5000     # Inception Score splits, in order
 NEIGHBOURS = 3        # k of the k-NN radii of precision and recall
 PR_BATCH = 10000      # rows and columns of one block of pairwise distances
 SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv (17 x 17 x 192)
+FEW_IMAGES = 2048     # below this a 2048-d covariance is singular and FID is far from its large-set value
+# what a damaged or non-npz file raises while it is read (zipfile's own error is no OSError or ValueError)
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def parser():
@@ -32,7 +39,8 @@ def parser():
     p.add_argument('ref_batch', help='reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s)')
     p.add_argument('sample_batch', help='sample batch .npz (arr_0), e.g. the output of sample_CoDe.py')
     p.add_argument('--batch_size', type=int, default=64, help='images per Inception forward pass (default 64)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cuda, cuda:N or cpu (default: cuda if available, here %(default)s)')
     p.add_argument('--inception_weights', default=None,
                    help="local torch-fidelity Inception file (default: downloaded once into torch's hub cache)")
     return p
@@ -92,7 +100,7 @@ def check_images(path):
         shape, dtype = npz_array_header(path, 'arr_0')
     except KeyError:
         return None
-    except (OSError, ValueError) as e:
+    except READ_ERRORS as e:
         raise UserError(f'cannot read {path} as an .npz ({one_line(e)})') from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise UserError(f'{path}: arr_0 must be uint8 N x H x W x 3, found {dtype} {shape}')
@@ -104,11 +112,14 @@ def check_images(path):
 def activations(inception, path, batch_size):
     pools, logits, spatials = [], [], []
     n = npz_array_header(path, 'arr_0')[0][0]
-    for batch in tqdm(iter_npz_array(path, 'arr_0', batch_size), total=-(-n // batch_size), desc=os.path.basename(path), unit='batch'):
-        pool, logit, spatial = inception(batch)
-        pools.append(pool)
-        logits.append(logit)
-        spatials.append(spatial)
+    try:  # a damaged member shows only while it is read (a CRC error at its end, a zlib error)
+        for batch in tqdm(iter_npz_array(path, 'arr_0', batch_size), total=-(-n // batch_size), desc=os.path.basename(path), unit='batch'):
+            pool, logit, spatial = inception(batch)
+            pools.append(pool)
+            logits.append(logit)
+            spatials.append(spatial)
+    except (EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f'cannot read {path} ({one_line(e)})') from None
     return np.concatenate(pools), np.concatenate(logits), np.concatenate(spatials)
 
 
@@ -127,14 +138,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise UserError(f'statistics of different sizes: {mu1.shape} and {mu2.shape}')
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        warnings.warn(f'the product of the covariances is nearly singular; adding {eps} to their diagonals')
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    with warnings.catch_warnings():
+        # scipy warns "Matrix is singular" whenever fewer images than dimensions went into a covariance;
+        # the non-finite case below has its own warning and main() warns about small sets once
+        warnings.simplefilter('ignore', linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            warnings.warn(f'the product of the covariances is nearly singular; adding {eps} to their diagonals')
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f'imaginary component {np.max(np.abs(covmean.imag))} in the covariance square root')
+            # covariances never give this; statistics that are not covariances (a damaged mu/sigma) do
+            raise UserError(f'imaginary component {np.max(np.abs(covmean.imag)):.3g} in the square root of the covariance '
+                            'product: are sigma and sigma_s covariance matrices?')
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -196,17 +213,22 @@ def precision_recall(ref, sample, k=NEIGHBOURS, batch=PR_BATCH):
 
 def reference_statistics(path):
     """The reference batch's stored statistics, as the evaluator uses them, or None."""
-    with np.load(path) as f:
-        if 'mu' not in f.files:
-            return None
-        missing = [k for k in ('sigma', 'mu_s', 'sigma_s') if k not in f.files]
-        if missing:
-            raise UserError(f'{path} holds mu but not {", ".join(missing)}')
-        return (f['mu'], f['sigma']), (f['mu_s'], f['sigma_s'])
+    try:
+        with np.load(path) as f:
+            if 'mu' not in f.files:
+                return None
+            missing = [k for k in ('sigma', 'mu_s', 'sigma_s') if k not in f.files]
+            if missing:
+                raise UserError(f'{path} holds mu but not {", ".join(missing)}')
+            return (f['mu'], f['sigma']), (f['mu_s'], f['sigma_s'])
+    except READ_ERRORS as e:
+        raise UserError(f'cannot read the statistics in {path} ({one_line(e)})') from None
 
 
 def main():
     args = parser().parse_args()
+    # the other scripts' device checks and wording; fp32, so that CUDA runs with TF32 off
+    device, _ = runtime(argparse.Namespace(device=args.device, dtype='fp32'))
     for path in (args.ref_batch, args.sample_batch):
         if not os.path.isfile(path):
             raise UserError(f'no such file: {path}')
@@ -218,7 +240,12 @@ def main():
     ref_stats = reference_statistics(args.ref_batch)
     if ref_shape is None and ref_stats is None:
         raise UserError(f'{args.ref_batch} holds neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)')
-    device = torch.device(args.device)
+    # the reference's images count only where its statistics come from them
+    counted = ((args.sample_batch, sample_shape), (args.ref_batch, ref_shape if ref_stats is None else None))
+    few = [f'{path} holds {shape[0]}' for path, shape in counted if shape is not None and shape[0] < FEW_IMAGES]
+    if few:
+        print(f'warning: {"; ".join(few)} images: FID and sFID need thousands (the evaluator\'s reference batches hold '
+              f'10,000 or more); under {FEW_IMAGES:,} they are far from their large-set values', file=sys.stderr)
     inception = Inception(inception_weights_path(args.inception_weights), device)
 
     sample_pool, sample_logits, sample_spatial = activations(inception, args.sample_batch, args.batch_size)

@@ -74,9 +74,10 @@ def iter_npz_array(path, name, batch):
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         for start in range(0, shape[0], batch):
             n = min(batch, shape[0] - start)
-            data = f.read(n * row_bytes)
-            if len(data) != n * row_bytes:
-                raise UserError(f'{path}: {name} ends early, at row {start + len(data) // max(row_bytes, 1)} of {shape[0]}')
+            data = bytearray(n * row_bytes)  # writable, so the rows can go to torch.from_numpy without a warning
+            got = f.readinto(data)
+            if got != n * row_bytes:
+                raise UserError(f'{path}: {name} ends early, at row {start + got // max(row_bytes, 1)} of {shape[0]}')
             yield np.frombuffer(data, dtype=dtype).reshape(n, *shape[1:])
 
 
