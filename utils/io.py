@@ -46,18 +46,23 @@ def write_npz_streaming(path, arrays):
     Written to a temporary name and renamed when whole."""
     import zipfile
     tmp = f'{path}.tmp'
-    with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, (shape, dtype, chunks) in arrays.items():
-            with zf.open(f'{name}.npy', 'w', force_zip64=True) as f:
-                header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False, 'shape': tuple(shape)}
-                np.lib.format.write_array_header_1_0(f, header)
-                written = 0
-                for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                    f.write(chunk.tobytes())
-                    written += chunk.size
-                if written != int(np.prod(shape)):
-                    raise RuntimeError(f'{name}: {written} elements written, {int(np.prod(shape))} expected')
+    try:
+        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, (shape, dtype, chunks) in arrays.items():
+                with zf.open(f'{name}.npy', 'w', force_zip64=True) as f:
+                    header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False, 'shape': tuple(shape)}
+                    np.lib.format.write_array_header_1_0(f, header)
+                    written = 0
+                    for chunk in chunks:
+                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                        f.write(chunk.tobytes())
+                        written += chunk.size
+                    if written != int(np.prod(shape)):
+                        raise RuntimeError(f'{name}: {written} elements written, {int(np.prod(shape))} expected')
+    except BaseException:  # failed or interrupted (Ctrl-C): leave no 10 GB half file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
