@@ -4,6 +4,7 @@ tensors, and load with an exact key-and-shape check.
 Official files: FoundationVision/var holds the VQVAE and VAR-d16/20/24/30; Zigeng/VAR_CoDe holds
 the fine-tuned CoDe pairs (a d30 drafter and a d16 refiner for 6, 7, 8 and 9 draft steps).
 """
+import hashlib
 import os
 import re
 import zipfile
@@ -190,3 +191,16 @@ def load_code_models(args, device):
                                             args.draft_steps, args.training_free)
     return (load_var(drafter_file, device, '--drafter_depth', drafter_depth),
             load_var(refiner_file, device, '--refiner_depth', refiner_depth))
+
+
+def weights_digest(*models) -> str:
+    """SHA-256 (16 hex digits) of the models' tensors, names, dtypes and shapes: their weights, wherever
+    the files lie and however they were saved. Computed from the loaded tensors at each start, so nothing
+    is cached that could go stale (about 2 s per GB of weights on one CPU core)."""
+    h = hashlib.sha256()
+    for i, model in enumerate(models):
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f'{i}:{name}:{t.dtype}:{tuple(t.shape)};'.encode())
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
