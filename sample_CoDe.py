@@ -197,7 +197,8 @@ def check_npz(npz_path, classes, n):
 
 
 def assemble(folder, classes, n, batch_size, npz_path):
-    """DIR.npz, class-major, streamed from the batch files; checked before it is reported done."""
+    """DIR.npz, class-major, streamed from the batch files; checked before it takes its name, so that a
+    DIR.npz is always a checked one."""
     def rows(kind):
         for i in range(0, len(classes), batch_size):  # the classes of one batch column, j = 0 .. n-1
             chunk = classes[i:i + batch_size]
@@ -208,12 +209,14 @@ def assemble(folder, classes, n, batch_size, npz_path):
                     yield files[j][row:row + 1]
 
     N = len(classes) * n
-    io.write_npz_streaming(npz_path, {'arr_0': ((N, 256, 256, 3), np.uint8, rows('images')),
+    unchecked = npz_path + '.unchecked'
+    io.write_npz_streaming(unchecked, {'arr_0': ((N, 256, 256, 3), np.uint8, rows('images')),
                                       'tokens': ((N, 680), np.int32, rows('tokens')),
                                       'labels': ((N,), np.int64, [np.repeat(np.asarray(classes, dtype=np.int64), n)])})
-    problem = check_npz(npz_path, classes, n)
+    problem = check_npz(unchecked, classes, n)
     if problem:
-        raise RuntimeError(f'{npz_path} failed its check: {problem}')
+        raise RuntimeError(f'{unchecked} failed its check: {problem}')
+    os.replace(unchecked, npz_path)
 
 
 def check_disk(folder, remaining_images, total_images, save_png):

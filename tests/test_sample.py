@@ -159,8 +159,11 @@ def test_a_crash_while_saving_leaves_no_file_a_rerun_trusts_and_a_finished_run_i
     assert 'could not save batch 00000_00003' in err and 'No space left on device' in err and 'rerun' in err
     assert not list((out / 'batches').glob('*.images.npy')), 'no half batch file under a name a rerun trusts'
 
-    def interrupted_load(path, *a, **k):  # Ctrl-C once the images are in the npz, before its tokens
-        if str(path).endswith('.tokens.npy') and not str(path).endswith('.tmp'):
+    npz_named_while_written = []
+
+    def interrupted_load(path, *a, **k):  # Ctrl-C (or a kill) once the images are in the npz, before its tokens
+        if str(path).endswith('.tokens.npy'):
+            npz_named_while_written.append(npz.exists())
             raise KeyboardInterrupt
         return real_load(path, *a, **k)
     monkeypatch.setattr(np, 'save', real_save)
@@ -171,9 +174,19 @@ def test_a_crash_while_saving_leaves_no_file_a_rerun_trusts_and_a_finished_run_i
     captured = capsys.readouterr()
     assert e.value.code == 130 and '0 already done' in captured.out
     assert messages(captured.err) == [f'sample_CoDe.py: interrupted; 1 of 1 batches are saved in {out / "batches"}; rerun the same command to resume']
-    assert not npz.exists() and not os.path.exists(f'{npz}.tmp'), 'no half npz, under any name'
+    assert npz_named_while_written == [False] and not npz.exists(), 'a half npz never has the final name'
+    assert {p.name for p in tmp_path.iterdir()} == {'run'}, 'nor is it left under another'
 
+    def wrong_npz(path, arrays):  # an assembly bug, or a disk that corrupts it: the check must catch it
+        real_write(path, {**arrays, 'labels': ((1,), np.int64, [np.array([4])])})
     monkeypatch.setattr(np, 'load', real_load)
+    real_write = sample_CoDe.io.write_npz_streaming
+    monkeypatch.setattr(sample_CoDe.io, 'write_npz_streaming', wrong_npz)
+    with pytest.raises(RuntimeError, match='failed its check'):
+        sample_here(checkpoints, out, *one)
+    assert not npz.exists()
+
+    monkeypatch.setattr(sample_CoDe.io, 'write_npz_streaming', real_write)
     assert 'done: 1 images (0 sampled now)' in sample_here(checkpoints, out, *one)
     assert np.load(npz)['arr_0'].shape == (1, 256, 256, 3)
 
