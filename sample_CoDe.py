@@ -208,15 +208,15 @@ def assemble(folder, classes, n, batch_size, npz_path):
                 for j in range(n):
                     yield files[j][row:row + 1]
 
+    def check(written):
+        problem = check_npz(written, classes, n)
+        if problem:
+            raise RuntimeError(f'{npz_path} failed its check: {problem}')
+
     N = len(classes) * n
-    unchecked = npz_path + '.unchecked'
-    io.write_npz_streaming(unchecked, {'arr_0': ((N, 256, 256, 3), np.uint8, rows('images')),
+    io.write_npz_streaming(npz_path, {'arr_0': ((N, 256, 256, 3), np.uint8, rows('images')),
                                       'tokens': ((N, 680), np.int32, rows('tokens')),
-                                      'labels': ((N,), np.int64, [np.repeat(np.asarray(classes, dtype=np.int64), n)])})
-    problem = check_npz(unchecked, classes, n)
-    if problem:
-        raise RuntimeError(f'{unchecked} failed its check: {problem}')
-    os.replace(unchecked, npz_path)
+                                      'labels': ((N,), np.int64, [np.repeat(np.asarray(classes, dtype=np.int64), n)])}, check)
 
 
 def check_disk(folder, remaining_images, total_images, save_png):

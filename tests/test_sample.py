@@ -177,14 +177,14 @@ def test_a_crash_while_saving_leaves_no_file_a_rerun_trusts_and_a_finished_run_i
     assert npz_named_while_written == [False] and not npz.exists(), 'a half npz never has the final name'
     assert {p.name for p in tmp_path.iterdir()} == {'run'}, 'nor is it left under another'
 
-    def wrong_npz(path, arrays):  # an assembly bug, or a disk that corrupts it: the check must catch it
-        real_write(path, {**arrays, 'labels': ((1,), np.int64, [np.array([4])])})
+    def wrong_npz(path, arrays, check):  # an assembly bug, or a disk that corrupts it: the check must catch it
+        real_write(path, {**arrays, 'labels': ((1,), np.int64, [np.array([4])])}, check)
     monkeypatch.setattr(np, 'load', real_load)
     real_write = sample_CoDe.io.write_npz_streaming
     monkeypatch.setattr(sample_CoDe.io, 'write_npz_streaming', wrong_npz)
     with pytest.raises(RuntimeError, match='failed its check'):
         sample_here(checkpoints, out, *one)
-    assert not npz.exists()
+    assert {p.name for p in tmp_path.iterdir()} == {'run'}, 'a wrong npz is not kept, under any name'
 
     monkeypatch.setattr(sample_CoDe.io, 'write_npz_streaming', real_write)
     assert 'done: 1 images (0 sampled now)' in sample_here(checkpoints, out, *one)

@@ -40,10 +40,11 @@ def save_npz(path, **arrays):
     write_npz_streaming(path, {k: (np.shape(v), np.asarray(v).dtype, [np.asarray(v)]) for k, v in arrays.items()})
 
 
-def write_npz_streaming(path, arrays):
+def write_npz_streaming(path, arrays, check=None):
     """Write an uncompressed .npz whose arrays arrive in pieces, so that 9.8 GB of images never sit
     in memory (let alone twice). arrays: {name: (shape, dtype, iterable of C-ordered chunks)}.
-    Written to a temporary name and renamed when whole."""
+    Written to a temporary name and renamed when whole, and when check(temporary path), if given,
+    returns without raising: a file under `path` is always a whole, checked one."""
     import zipfile
     tmp = f'{path}.tmp'
     try:
@@ -59,7 +60,9 @@ def write_npz_streaming(path, arrays):
                         written += chunk.size
                     if written != int(np.prod(shape)):
                         raise RuntimeError(f'{name}: {written} elements written, {int(np.prod(shape))} expected')
-    except BaseException:  # failed or interrupted (Ctrl-C): leave no 10 GB half file behind
+        if check:
+            check(tmp)
+    except BaseException:  # failed, refused or interrupted (Ctrl-C): leave no 10 GB half file behind
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
