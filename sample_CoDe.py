@@ -122,9 +122,10 @@ def create_workdir(folder, manifest):
     path = os.path.join(folder, 'manifest.json')
     os.makedirs(os.path.join(folder, 'batches'), exist_ok=True)
     if not os.path.exists(path):
-        with open(path + '.tmp', 'w') as f:
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
             json.dump(manifest, f, indent=1)
-        os.replace(path + '.tmp', path)
+        os.replace(tmp, path)
 
 
 def batch_file(folder, name, kind):
