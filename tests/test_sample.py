@@ -18,10 +18,9 @@ import torch
 import sample_CoDe
 from conftest import ROOT, run_main, user_error
 from models import code_schedule, generate
-from utils.io import to_uint8
 
 
-# The same thread count in every process: CPU float rounding (here, of the decode) moves with it.
+# One thread per process: two would oversubscribe the shared cores.
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
