@@ -1,20 +1,22 @@
 """Sample images for FID: --images_per_class images of every class into DIR.npz (`arr_0`, uint8,
-N x 256 x 256 x 3, class-major; `labels`), the input of OpenAI's guided-diffusion evaluator.
+N x 256 x 256 x 3, class-major; `labels`; `tokens`), the input of OpenAI's guided-diffusion evaluator.
 
     python sample_CoDe.py --output_path samples/code_n8                  # 50,000 images, CoDe N=8
     torchrun --nproc_per_node=8 sample_CoDe.py --output_path samples/code_n8
     python sample_CoDe.py --draft_steps 10 --top_k 900 --temp 1.0 --output_path samples/var_d30
 
-Work happens in DIR/: every finished batch is saved there at once, so a crashed or killed run,
-rerun with the same command, continues where it stopped (DIR/manifest.json keeps the settings and
-refuses a rerun that changes them). Seeds: image j of every class is sampled by a generator seeded
-with seed + j; a batch holds image j of up to --batch_size consecutive classes. With --batch_size 1
-and --seed 0 this is the reference sample_CoDe.py's procedure exactly.
+Work happens in DIR/: every finished batch is saved there at once, so a crashed, killed or interrupted
+run, rerun with the same command, continues where it stopped, and a finished one says so and samples
+nothing. DIR/manifest.json keeps what the samples depend on (the settings, the weights' digest, the
+device type and precision) and refuses a rerun that changes them. Seeds: image j of every class is
+sampled by a generator seeded with seed + j; a batch holds image j of up to --batch_size consecutive
+classes. With --batch_size 1 and --seed 0 this is the reference sample_CoDe.py's procedure exactly.
 """
 import json
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
 
@@ -24,10 +26,10 @@ from tqdm import tqdm
 
 from models import code_schedule, generate
 from utils import distributed, io
-from utils.checkpoints import VAE_FILE, load_code_models, load_vae, vae_path
+from utils.checkpoints import load_code_models, load_vae, vae_path, weights_digest
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
                        check_sampling, main_guard, runtime)
-from utils.errors import UserError
+from utils.errors import UserError, one_line
 from utils.infer import prepare
 
 IMAGE_BYTES = 256 * 256 * 3
@@ -72,16 +74,34 @@ def batch_name(j, first_class):
     return f'{j:05d}_{first_class:05d}'
 
 
-def manifest_of(args, drafter, refiner, vae, dtype, device):
-    describe = lambda path, hub_name: os.path.abspath(path) if path else f'hub:{hub_name}'
+def output_paths(text):
+    """(DIR, DIR.npz) for --output_path, refused before any model is loaded when they cannot be written."""
+    name = os.path.basename(text.rstrip('/'))
+    if name in ('', '.', '..'):  # '.' would put the npz beside the current folder, as ../NAME.npz
+        raise UserError(f'--output_path {text}: name a work folder, e.g. samples/run (the result is then samples/run.npz)')
+    folder = os.path.abspath(text.rstrip('/'))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f'--output_path {text} is a file; name a work folder (the result is FOLDER.npz beside it)')
+    parent = os.path.dirname(folder)
+    try:  # a real write: os.access says yes to root where nothing can be written (/proc)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UserError(f'--output_path {text}: cannot write in {parent} ({one_line(e)})') from None
+    npz_path = folder + '.npz'
+    if os.path.exists(npz_path) and not os.path.exists(os.path.join(folder, 'manifest.json')):
+        raise UserError(f'{npz_path} exists, but not {folder}/manifest.json, which says how it was made; '
+                        'move it away or use another --output_path')
+    return folder, npz_path
+
+
+def manifest_of(args, models, dtype, device):
+    """What the samples depend on: the weights' content (not where the files lie), the settings, the batch
+    size and seed, and the device type and precision, whose float rounding changes tokens."""
     return dict(
         classes=args.classes, images_per_class=args.images_per_class, batch_size=args.batch_size, seed=args.seed,
         cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
-        draft_steps=args.draft_steps, training_free=args.training_free,
-        drafter=describe(args.drafter_ckpt, f'd{drafter.depth}'), drafter_depth=drafter.depth,
-        refiner=None if refiner is None else describe(args.refiner_ckpt, f'd{refiner.depth}'),
-        refiner_depth=None if refiner is None else refiner.depth,
-        vae=describe(args.vae_ckpt, VAE_FILE), dtype=str(dtype).removeprefix('torch.'), device=device.type)
+        draft_steps=args.draft_steps, weights=weights_digest(*models),
+        dtype=str(dtype).removeprefix('torch.'), device=device.type)
 
 
 def check_manifest(folder, manifest):
@@ -93,8 +113,9 @@ def check_manifest(folder, manifest):
         differ = [k for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k)]
         if differ:
             k = differ[0]
+            why = '; the device and precision round differently, which changes the tokens' if {'device', 'dtype'} & set(differ) else ''
             raise UserError(f'{folder} holds a run with other settings ({", ".join(differ)}; e.g. {k}: {old.get(k)!r} there, '
-                            f'{manifest.get(k)!r} now); use another --output_path or the same settings')
+                            f'{manifest.get(k)!r} now{why}); use another --output_path or the same settings')
 
 
 def create_workdir(folder, manifest):
@@ -107,12 +128,27 @@ def create_workdir(folder, manifest):
         os.replace(tmp, path)
 
 
+def batch_file(folder, name, kind):
+    return os.path.join(folder, 'batches', f'{name}.{kind}.npy')
+
+
 def done_batches(folder):
-    return {f[:-4] for f in os.listdir(os.path.join(folder, 'batches')) if f.endswith('.npy')}
+    """Batches whose images file exists; it is written last, so its tokens are there too."""
+    batches = os.path.join(folder, 'batches')
+    return {f.removesuffix('.images.npy') for f in os.listdir(batches) if f.endswith('.images.npy')} if os.path.isdir(batches) else set()
+
+
+def save_atomic(path, array):
+    """The file appears whole or not at all: a crash mid-write leaves PATH.tmp, which nothing reads."""
+    with open(path + '.tmp', 'wb') as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
 
 
 class Writer:
-    """Saves finished batches on a thread, off the GPU's path; a batch file appears whole or not at all."""
+    """Saves finished batches on a thread, off the GPU's path; a failed save stops the run with one line."""
 
     def __init__(self, folder, save_png):
         self.folder, self.save_png = folder, save_png
@@ -120,26 +156,23 @@ class Writer:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def put(self, name, j, classes, images):
+    def put(self, name, j, classes, images, tokens):
         if self.error:
             raise self.error
-        self.queue.put((name, j, classes, images))
+        self.queue.put((name, j, classes, images, tokens))
 
     def _run(self):
         while (item := self.queue.get()) is not None:
-            name, j, classes, images = item
+            name, j, classes, images, tokens = item
             try:
                 if self.save_png:
                     for c, img in zip(classes, images):
                         io.save_image(img, os.path.join(self.folder, f'{c}_{j}.png'))
-                path = os.path.join(self.folder, 'batches', name + '.npy')
-                with open(path + '.tmp', 'wb') as f:
-                    np.save(f, images)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(path + '.tmp', path)
+                save_atomic(batch_file(self.folder, name, 'tokens'), tokens)
+                save_atomic(batch_file(self.folder, name, 'images'), images)  # last: it marks the batch done
             except Exception as e:  # reported on the next put or at close
-                self.error = e
+                self.error = self.error or UserError(f'could not save batch {name} in {self.folder}/batches ({one_line(e)}); '
+                                                     'the batches saved before it are kept, rerun the same command to resume')
 
     def close(self):
         self.queue.put(None)
@@ -148,29 +181,43 @@ class Writer:
             raise self.error
 
 
-def assemble(folder, classes, n, batch_size, npz_path):
-    """DIR.npz, class-major, streamed from the batch files; checked before it is reported done."""
-    index = {}
-    for j, chunk in plan(classes, n, batch_size):
-        for row, c in enumerate(chunk):
-            index[(c, j)] = (batch_name(j, chunk[0]), row)
-    files = {}
-
-    def rows():
-        for c in classes:
-            for j in range(n):
-                name, row = index[(c, j)]
-                if name not in files:
-                    files[name] = np.load(os.path.join(folder, 'batches', name + '.npy'), mmap_mode='r')
-                yield files[name][row:row + 1]
-
+def check_npz(npz_path, classes, n):
+    """What is wrong with DIR.npz (None: nothing): shapes, dtypes and labels, class-major, n per class."""
     labels = np.repeat(np.asarray(classes, dtype=np.int64), n)
-    io.write_npz_streaming(npz_path, {'arr_0': ((len(labels), 256, 256, 3), np.uint8, rows()), 'labels': (labels.shape, np.int64, [labels])})
-    shape, dtype = io.npz_array_header(npz_path, 'arr_0')
-    saved = np.load(npz_path)['labels']
-    counts = np.bincount(saved, minlength=max(classes) + 1)[classes]
-    if shape != (len(labels), 256, 256, 3) or dtype != np.uint8 or not (counts == n).all() or not np.array_equal(saved, labels):
-        raise RuntimeError(f'{npz_path} failed its check: shape {shape}, dtype {dtype}, per-class counts {sorted(set(counts.tolist()))}')
+    try:
+        found = [io.npz_array_header(npz_path, k) for k in ('arr_0', 'tokens')]
+        saved = np.load(npz_path)['labels']
+    except Exception as e:  # a truncated or foreign file
+        return f'unreadable: {one_line(e)}'
+    want = [((len(labels), 256, 256, 3), np.uint8), ((len(labels), 680), np.int32)]
+    if found != want:
+        return f'arr_0 and tokens are {found}, expected {want}'
+    if not np.array_equal(saved, labels):
+        return f'labels are not {n} of each of the {len(classes)} classes in order'
+    return None
+
+
+def assemble(folder, classes, n, batch_size, npz_path):
+    """DIR.npz, class-major, streamed from the batch files; checked before it takes its name, so that a
+    DIR.npz is always a checked one."""
+    def rows(kind):
+        for i in range(0, len(classes), batch_size):  # the classes of one batch column, j = 0 .. n-1
+            chunk = classes[i:i + batch_size]
+            # n files open at a time: an mmap holds its file descriptor
+            files = [np.load(batch_file(folder, batch_name(j, chunk[0]), kind), mmap_mode='r') for j in range(n)]
+            for row in range(len(chunk)):
+                for j in range(n):
+                    yield files[j][row:row + 1]
+
+    def check(written):
+        problem = check_npz(written, classes, n)
+        if problem:
+            raise RuntimeError(f'{npz_path} failed its check: {problem}')
+
+    N = len(classes) * n
+    io.write_npz_streaming(npz_path, {'arr_0': ((N, 256, 256, 3), np.uint8, rows('images')),
+                                      'tokens': ((N, 680), np.int32, rows('tokens')),
+                                      'labels': ((N,), np.int64, [np.repeat(np.asarray(classes, dtype=np.int64), n)])}, check)
 
 
 def check_disk(folder, remaining_images, total_images, save_png):
@@ -179,7 +226,7 @@ def check_disk(folder, remaining_images, total_images, save_png):
     free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(folder)).free
     if free < need:
         raise UserError(f'{folder}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed for the batches and the npz '
-                        f'({total_images} images of 256x256)')
+                        f'({total_images} images of 256x256{", and their PNGs" if save_png else ""})')
 
 
 def main():
@@ -190,15 +237,15 @@ def main():
         check_labels(args.classes, 1000, '--classes')
     if args.images_per_class < 1 or args.batch_size < 1:
         raise UserError('--images_per_class and --batch_size must be >= 1')
-    folder = os.path.abspath(args.output_path.rstrip('/'))
-    npz_path = folder + '.npz'
-    parent = os.path.dirname(folder)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f'--output_path {args.output_path}: cannot write in {parent}')
+    folder, npz_path = output_paths(args.output_path)
     device, dtype = runtime(args)
     rank, world, device = distributed.setup(device)
     try:
         sample(args, folder, npz_path, rank, world, device, dtype)
+    except KeyboardInterrupt:  # main_guard prints this on one line
+        batches = len(plan(args.classes, args.images_per_class, args.batch_size))
+        raise KeyboardInterrupt(f'{len(done_batches(folder))} of {batches} batches are saved in {folder}/batches; '
+                                'rerun the same command to resume') from None
     finally:
         distributed.teardown()
 
@@ -211,9 +258,15 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     prepare(args, schedule, vae, args.classes, '--classes')
     batches = plan(args.classes, args.images_per_class, args.batch_size)
     total = len(args.classes) * args.images_per_class
-    manifest = manifest_of(args, drafter, refiner, vae, dtype, device)
+    manifest = manifest_of(args, [m for m in (drafter, refiner, vae) if m is not None], dtype, device)
     check_manifest(folder, manifest)  # every rank checks, so that a refusal stops them all
-    done = done_batches(folder) if os.path.isdir(os.path.join(folder, 'batches')) else set()
+    if os.path.exists(npz_path):  # finished before, with these settings: never sample it again
+        problem = check_npz(npz_path, args.classes, args.images_per_class)
+        if problem:
+            raise UserError(f'{npz_path} exists but is not this run\'s result ({problem}); move it away and rerun to rebuild it')
+        say(f'already done: {npz_path} holds the {total} images of these settings; nothing sampled')
+        return
+    done = done_batches(folder)
     todo = [(j, chunk) for j, chunk in batches if batch_name(j, chunk[0]) not in done]
     remaining = sum(len(chunk) for _, chunk in todo)
     check_disk(folder, remaining, total, args.save_png)
@@ -225,26 +278,28 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
         f'{world} process(es); {total - remaining} already done')
     writer = Writer(folder, args.save_png)
     progress = tqdm(total=total, initial=total - remaining, unit='img', disable=rank != 0, smoothing=0.05)
-    start = time.perf_counter()
+    start, sampled = time.perf_counter(), 0
     try:
         with torch.inference_mode(), autocast(device, dtype):
             for j, chunk in todo[rank::world]:  # which process samples a batch does not change it
                 labels = torch.tensor(chunk, device=device)
-                _, f_hat = generate(schedule, vae, labels, seed=args.seed + j, cfg=args.cfg, top_k=args.top_k,
-                                    top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
-                writer.put(batch_name(j, chunk[0]), j, chunk, io.to_uint8(vae.decode(f_hat).float()))
+                tokens, f_hat = generate(schedule, vae, labels, seed=args.seed + j, cfg=args.cfg, top_k=args.top_k,
+                                         top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
+                writer.put(batch_name(j, chunk[0]), j, chunk, io.to_uint8(vae.decode(f_hat).float()),
+                           tokens.to(torch.int32).cpu().numpy())
+                sampled += len(chunk)
                 progress.update(min(len(chunk) * world, total - progress.n))  # other ranks progress alike
     finally:
         writer.close()
         progress.close()
-    distributed.barrier()
+    sampled = distributed.total(sampled, device)  # what every process sampled; waits for them all
     if rank == 0:
         missing = [batch_name(j, c[0]) for j, c in batches if batch_name(j, c[0]) not in done_batches(folder)]
         if missing:
             raise RuntimeError(f'{len(missing)} batches missing after sampling, e.g. {missing[0]}')
         assemble(folder, args.classes, args.images_per_class, args.batch_size, npz_path)
         wall = time.perf_counter() - start
-        say(f'done: {total} images ({remaining} sampled now) in {wall:.1f} s, {remaining / wall:.2f} images/s; {npz_path}')
+        say(f'done: {total} images ({sampled} sampled now) in {wall:.1f} s, {sampled / wall:.2f} images/s; {npz_path}')
 
 
 if __name__ == '__main__':

@@ -1,7 +1,11 @@
 """sample_CoDe.py: the reference's FID procedure reproduced, exact class counts and order, the
-batch seeding scheme, resuming after SIGKILL, torchrun, and one-line errors."""
+batch seeding scheme, resuming after Ctrl-C and after crashes mid-write, a finished run left alone,
+torchrun splitting the work, autocast, and one-line errors."""
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +16,11 @@ import pytest
 import torch
 
 import sample_CoDe
-from conftest import ROOT, user_error
+from conftest import ROOT, run_main, user_error
 from models import code_schedule, generate
-from utils.io import to_uint8
 
 
-# The same thread count in every process: CPU float rounding (here, of the decode) moves with it.
+# One thread per process: two would oversubscribe the shared cores.
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
@@ -25,18 +28,45 @@ def local(checkpoints):
     return ['--drafter_ckpt', checkpoints['drafter'], '--refiner_ckpt', checkpoints['refiner'], '--vae_ckpt', checkpoints['vae']]
 
 
-def sample(checkpoints, out, *args, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / 'sample_CoDe.py'), *local(checkpoints), '--output_path', str(out), *args],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
+def command(checkpoints, out, *args):
+    return [sys.executable, str(ROOT / 'sample_CoDe.py'), *local(checkpoints), '--output_path', str(out), *args]
+
+
+def sample_here(checkpoints, out, *args):
+    """main() in this process (no interpreter start-up to pay), on one thread as the subprocesses;
+    returns what it printed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            run_main(sample_CoDe, [*local(checkpoints), '--output_path', str(out), *args])
+    finally:
+        torch.set_num_threads(threads)
+    return stdout.getvalue()
+
+
+def reference_tokens(models, labels, seed):
+    """Tokens of one batch sampled by generate() directly, with sample_CoDe.py's default settings."""
+    vae, drafter, refiner = models
+    with torch.inference_mode():
+        tokens, _ = generate(code_schedule(drafter, refiner, 8), vae, torch.tensor(labels), seed=seed, cfg=1.5,
+                             top_k=[600] * 10, top_p=0.96, temp=[1.1] * 7 + [1.0] * 3)
+    return tokens.numpy()
+
+
+def messages(stderr):
+    """The lines on stderr other than the progress bar's."""
+    return [line for line in stderr.split('\n') if line.strip() and 'img' not in line]
+
+
+# Classes 3, 7, 5, three images each, batches of two: six batches, (j, [3, 7]) and (j, [5]) for j = 0, 1, 2.
+SETTINGS = ['--classes', '3,7,5', '--images_per_class', '3', '--batch_size', '2', '--seed', '10']
 
 
 def test_reproduces_the_reference_sample_procedure(checkpoints, golden, tmp_path):
     """--batch_size 1 --seed 0: image j of class c sampled alone with seed j, as the reference."""
     _, expected = golden
-    sample(checkpoints, tmp_path / 'ref', '--classes', '0-1', '--images_per_class', '2', '--batch_size', '1', '--seed', '0')
+    sample_here(checkpoints, tmp_path / 'ref', '--classes', '0-1', '--images_per_class', '2', '--batch_size', '1', '--seed', '0')
     saved = np.load(tmp_path / 'ref.npz')
     assert saved['labels'].tolist() == expected['sample_labels'].tolist() == [0, 0, 1, 1]
     assert saved['arr_0'].dtype == np.uint8 and saved['arr_0'].shape == (4, 256, 256, 3)
@@ -45,69 +75,146 @@ def test_reproduces_the_reference_sample_procedure(checkpoints, golden, tmp_path
 
 @pytest.fixture(scope='module')
 def batched(checkpoints, tmp_path_factory):
-    """Classes 3, 7, 5, three images each, batches of two: the result every variant must equal."""
+    """The uninterrupted one-process result every variant must equal."""
     out = tmp_path_factory.mktemp('batched') / 'run'
-    r = sample(checkpoints, out, '--classes', '3,7,5', '--images_per_class', '3', '--batch_size', '2', '--seed', '10')
-    return out, np.load(f'{out}.npz'), r.stdout
+    stdout = sample_here(checkpoints, out, *SETTINGS)
+    return out, dict(np.load(f'{out}.npz')), stdout
 
 
-def test_counts_order_and_the_seeding_scheme(batched, models):
+def test_counts_order_and_the_seeding_scheme(batched, models, checkpoints):
     out, saved, stdout = batched
     assert saved['labels'].tolist() == [3, 3, 3, 7, 7, 7, 5, 5, 5]
-    assert saved['arr_0'].shape == (9, 256, 256, 3)
+    assert saved['arr_0'].shape == (9, 256, 256, 3) and saved['tokens'].shape == (9, 680)
     assert 'done: 9 images (9 sampled now)' in stdout and str(out) + '.npz' in stdout
-    # image 1 of class 7 was the second row of the batch (j=1, classes 3 and 7), seeded 10 + 1
-    vae, drafter, refiner = models
-    with torch.inference_mode():
-        _, f_hat = generate(code_schedule(drafter, refiner, 8), vae, torch.tensor([3, 7]), seed=11, cfg=1.5,
-                            top_k=600, top_p=0.96, temp=[1.1] * 7 + [1.0] * 3)
-        image = to_uint8(vae.decode(f_hat))[1]
-    assert np.abs(saved['arr_0'][4].astype(int) - image.astype(int)).max() <= 1
-    manifest = json.loads((out / 'manifest.json').read_text())
-    assert manifest['batch_size'] == 2 and manifest['classes'] == [3, 7, 5]
+    # image 2 of classes 3 and 7 is the batch (j=2, [3, 7]), seeded 10 + 2: rows 2 and 5, class-major
+    assert np.array_equal(saved['tokens'][[2, 5]], reference_tokens(models, [3, 7], seed=12))
+    manifest = (out / 'manifest.json').read_text()
+    assert json.loads(manifest)['batch_size'] == 2 and json.loads(manifest)['classes'] == [3, 7, 5]
+    assert os.path.dirname(checkpoints['vae']) not in manifest, 'the weights are keyed by content, not by path'
 
 
-def test_a_killed_run_resumes_without_redoing_or_losing_work(checkpoints, batched, tmp_path):
-    out = tmp_path / 'killed'
-    cmd = [sys.executable, str(ROOT / 'sample_CoDe.py'), *local(checkpoints), '--output_path', str(out),
-           '--classes', '3,7,5', '--images_per_class', '3', '--batch_size', '2', '--seed', '10']
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+def test_ctrl_c_keeps_finished_batches_and_a_rerun_with_moved_checkpoints_continues(checkpoints, batched, tmp_path):
+    out = tmp_path / 'interrupted'
+    proc = subprocess.Popen(command(checkpoints, out, *SETTINGS), cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     batches = out / 'batches'
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(batches.glob('*.npy')) if batches.exists() else []) < 2:
+    while time.time() < deadline and len(list(batches.glob('*.images.npy')) if batches.exists() else []) < 2:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in batches.glob('*.npy')}
-    assert 2 <= len(finished) < 6, 'the run must be killed part-way'
-    assert not (tmp_path / 'killed.npz').exists()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV)
-    assert r.returncode == 0, r.stderr
-    assert f'{sum(1 if n.endswith("_00005.npy") else 2 for n in finished)} already done' in r.stdout
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate()[1]
+    assert proc.returncode == 130, err
+    finished = {p.name: p.stat().st_mtime_ns for p in batches.glob('*.images.npy')}
+    assert 2 <= len(finished) < 6, 'the run must be interrupted part-way'
+    assert messages(err) == [f'sample_CoDe.py: interrupted; {len(finished)} of 6 batches are saved in {batches}; '
+                     'rerun the same command to resume'], err
+    assert not (tmp_path / 'interrupted.npz').exists()
+
+    moved = {k: str(shutil.copy(v, tmp_path / os.path.basename(v))) for k, v in checkpoints.items()}  # same weights, new paths
+    stdout = sample_here(moved, out, *SETTINGS)
+    assert f'{sum(1 if "_00005." in n else 2 for n in finished)} already done' in stdout
     assert {n: (batches / n).stat().st_mtime_ns for n in finished} == finished, 'finished batches are not redone'
-    assert np.array_equal(np.load(tmp_path / 'killed.npz')['arr_0'], batched[1]['arr_0'])
+    saved = np.load(tmp_path / 'interrupted.npz')
+    assert np.array_equal(saved['tokens'], batched[1]['tokens'])
+    assert np.abs(saved['arr_0'].astype(int) - batched[1]['arr_0'].astype(int)).max() <= 1
 
 
-def test_two_processes_under_torchrun_give_the_same_npz(checkpoints, batched, tmp_path):
+def test_two_processes_under_torchrun_split_the_work_and_sample_the_same_tokens(checkpoints, batched, tmp_path):
     out = tmp_path / 'ddp'
+    settings = [*SETTINGS[:2], '--images_per_class', '1', *SETTINGS[4:]]  # image 0: two of the six batches, one per process
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(ROOT / 'sample_CoDe.py'), *local(checkpoints), '--output_path', str(out), '--device', 'cpu',
-                        '--classes', '3,7,5', '--images_per_class', '3', '--batch_size', '2', '--seed', '10'],
+                        *command(checkpoints, out, '--device', 'cpu', *settings)[1:]],
                        capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count('done: 9 images') == 1, 'only rank 0 reports'
-    saved = np.load(f'{out}.npz')
-    assert np.array_equal(saved['arr_0'], batched[1]['arr_0'])
-    assert np.array_equal(saved['labels'], batched[1]['labels'])
+    # each image sampled once, by one process or the other; only rank 0 reports
+    assert r.stdout.count('done: 3 images (3 sampled now)') == 1, r.stdout
+    saved, rows = np.load(f'{out}.npz'), [0, 3, 6]
+    assert np.array_equal(saved['labels'], batched[1]['labels'][rows])
+    assert np.array_equal(saved['tokens'], batched[1]['tokens'][rows])
+    # the same tokens; the decode's float rounding may move a pixel by one level
+    assert np.abs(saved['arr_0'].astype(int) - batched[1]['arr_0'][rows].astype(int)).max() <= 1
 
 
-def test_rerun_with_other_settings_is_refused(checkpoints, batched):
-    out = batched[0]
-    r = sample(checkpoints, out, '--classes', '3,7,5', '--images_per_class', '3', '--batch_size', '2', '--seed', '10',
-               '--cfg', '2.0', check=False)
-    assert r.returncode == 2
-    assert 'other settings (cfg;' in r.stderr and r.stderr.count('\n') == 1
+def test_rerun_with_other_settings_device_or_precision_is_refused(checkpoints, batched, capsys):
+    err = user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(batched[0]), *SETTINGS,
+                                                        '--cfg', '2.0', '--temp', '1.0', '--dtype', 'bf16'], capsys)
+    assert 'other settings (cfg, dtype, temp;' in err and 'precision round differently' in err
 
+
+def test_a_crash_while_saving_leaves_no_file_a_rerun_trusts_and_a_finished_run_is_left_alone(checkpoints, capsys, tmp_path,
+                                                                                          monkeypatch):
+    out, npz = tmp_path / 'run', tmp_path / 'run.npz'
+    one = ['--classes', '3', '--images_per_class', '1']  # one batch
+    real_save, real_load = np.save, np.load
+
+    def half_save(f, array):  # the disk fills up half-way through the images
+        if array.ndim != 4:
+            return real_save(f, array)
+        f.write(b'\x93NUMPY half a batch')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(np, 'save', half_save)
+    err = user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(out), *one], capsys)
+    assert 'could not save batch 00000_00003' in err and 'No space left on device' in err and 'rerun' in err
+    assert not list((out / 'batches').glob('*.images.npy')), 'no half batch file under a name a rerun trusts'
+
+    npz_named_while_written = []
+
+    def interrupted_load(path, *a, **k):  # Ctrl-C (or a kill) once the images are in the npz, before its tokens
+        if str(path).endswith('.tokens.npy'):
+            npz_named_while_written.append(npz.exists())
+            raise KeyboardInterrupt
+        return real_load(path, *a, **k)
+    monkeypatch.setattr(np, 'save', real_save)
+    monkeypatch.setattr(np, 'load', interrupted_load)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(sample_CoDe, local(checkpoints) + ['--output_path', str(out), *one])
+    captured = capsys.readouterr()
+    assert e.value.code == 130 and '0 already done' in captured.out
+    assert messages(captured.err) == [f'sample_CoDe.py: interrupted; 1 of 1 batches are saved in {out / "batches"}; rerun the same command to resume']
+    assert npz_named_while_written == [False] and not npz.exists(), 'a half npz never has the final name'
+    assert {p.name for p in tmp_path.iterdir()} == {'run'}, 'nor is it left under another'
+
+    def wrong_npz(path, arrays, check):  # an assembly bug, or a disk that corrupts it: the check must catch it
+        real_write(path, {**arrays, 'labels': ((1,), np.int64, [np.array([4])])}, check)
+    monkeypatch.setattr(np, 'load', real_load)
+    real_write = sample_CoDe.io.write_npz_streaming
+    monkeypatch.setattr(sample_CoDe.io, 'write_npz_streaming', wrong_npz)
+    with pytest.raises(RuntimeError, match='failed its check'):
+        sample_here(checkpoints, out, *one)
+    assert {p.name for p in tmp_path.iterdir()} == {'run'}, 'a wrong npz is not kept, under any name'
+
+    monkeypatch.setattr(sample_CoDe.io, 'write_npz_streaming', real_write)
+    assert 'done: 1 images (0 sampled now)' in sample_here(checkpoints, out, *one)
+    assert np.load(npz)['arr_0'].shape == (1, 256, 256, 3)
+
+    # DIR/batches may go once DIR.npz exists: the rerun says it is done and leaves the npz alone
+    shutil.rmtree(out / 'batches')
+    mtime = npz.stat().st_mtime_ns
+    assert f'already done: {npz} holds the 1 images of these settings; nothing sampled' in sample_here(checkpoints, out, *one)
+    assert npz.stat().st_mtime_ns == mtime and not (out / 'batches').exists()
+
+    # an npz that is not this run's result is neither trusted nor overwritten
+    np.savez(npz, arr_0=np.zeros((0, 256, 256, 3), np.uint8), tokens=np.zeros((1, 680), np.int32), labels=np.array([3]))
+    mtime = npz.stat().st_mtime_ns
+    assert 'is not this run\'s result' in user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(out), *one], capsys)
+    assert npz.stat().st_mtime_ns == mtime
+
+
+def test_sampling_runs_under_autocast_in_the_chosen_dtype(checkpoints, capsys, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):  # then Ctrl-C, to spare the sampling
+        seen.append((torch.is_autocast_enabled('cpu'), (torch.ones(2, 2) @ torch.ones(2, 2)).dtype))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample_CoDe, 'generate', spy)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '3', '--images_per_class', '1',
+                                                    '--device', 'cpu', '--dtype', 'bf16'])
+    err = capsys.readouterr().err
+    assert seen == [(True, torch.bfloat16)]
+    assert e.value.code == 130 and len(messages(err)) == 1 and 'interrupted; 0 of 1 batches are saved' in err, err
 
 
 BAD = [
@@ -117,17 +224,46 @@ BAD = [
     (['--batch_size', '0'], 'must be >= 1'),
     (['--draft_steps', '11'], '--draft_steps must be in 1-10'),
     (['--output_path', '/no/such/parent/run'], 'cannot write in /no/such/parent'),
+    (['--output_path', '/proc/e7'], 'cannot write in /proc'),  # os.access says yes to root there
+    (['--output_path', '.'], 'name a work folder'),  # not ../NAME.npz
+    (['--output_path', '{tmp}/file'], 'is a file'),
+    (['--output_path', '{tmp}/orphan'], 'orphan.npz exists, but not'),  # a finished npz whose manifest is gone
 ]
 
 
 @pytest.mark.parametrize('args,message', BAD, ids=[' '.join(a) for a, _ in BAD])
 def test_bad_input(args, message, checkpoints, capsys, tmp_path):
+    (tmp_path / 'file').write_text('')
+    (tmp_path / 'orphan.npz').write_text('')
+    args = [a.format(tmp=tmp_path) for a in args]
     assert message in user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run')] + args, capsys)
+    assert not (tmp_path / 'run').exists()
 
 
 def test_too_little_disk_is_refused_before_sampling(checkpoints, capsys, tmp_path, monkeypatch):
-    import shutil
     monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
-    err = user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '0-9'], capsys)
-    assert 'GB free' in err and '500 images' in err
+    err = user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '0-9', '--save_png'], capsys)
+    # 500 images, each in a batch file, a PNG (at most raw size) and the npz: 1500 x 256 x 256 x 3 bytes
+    assert f'{1500 * 256 * 256 * 3 / 1e9:.1f} GB needed' in err and '500 images' in err
     assert not (tmp_path / 'run' / 'batches').exists()
+
+
+def test_assembly_holds_few_files_open(tmp_path):
+    """A memory map holds its file open: 1,563 batch files of a 50,000-image run must not all be mapped at
+    once (the usual limit is 1,024 open files), or the run dies at its very end."""
+    import resource
+    folder = str(tmp_path / 'run')
+    os.makedirs(f'{folder}/batches')
+    classes = list(range(200))  # 200 batches of one image: 400 files
+    for j, chunk in sample_CoDe.plan(classes, 1, 1):
+        name = sample_CoDe.batch_name(j, chunk[0])
+        np.save(sample_CoDe.batch_file(folder, name, 'images'), np.full((1, 256, 256, 3), chunk[0], np.uint8))
+        np.save(sample_CoDe.batch_file(folder, name, 'tokens'), np.full((1, 680), chunk[0], np.int32))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')) + 64, hard))
+    try:
+        sample_CoDe.assemble(folder, classes, 1, 1, f'{folder}.npz')
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    saved = np.load(tmp_path / 'run.npz')
+    assert saved['tokens'][:, 0].tolist() == classes and saved['arr_0'][199, 0, 0].tolist() == [199] * 3

@@ -4,6 +4,7 @@ tensors, and load with an exact key-and-shape check.
 Official files: FoundationVision/var holds the VQVAE and VAR-d16/20/24/30; Zigeng/VAR_CoDe holds
 the fine-tuned CoDe pairs (a d30 drafter and a d16 refiner for 6, 7, 8 and 9 draft steps).
 """
+import hashlib
 import os
 import re
 import zipfile
@@ -285,3 +286,16 @@ def describe_schedule(schedule):
         return f'CoDe: VAR-d{schedule[0].model.depth} drafts {schedule[0].stop} scales, VAR-d{schedule[1].model.depth} refines'
     starts = [0] + [stage.stop for stage in schedule[:-1]]
     return 'cascade: ' + ', '.join(f'VAR-d{m.depth} scales {a + 1}-{stop}' for (m, stop), a in zip(schedule, starts))
+
+
+def weights_digest(*models) -> str:
+    """SHA-256 (16 hex digits) of the models' tensors, names, dtypes and shapes: their weights, wherever
+    the files lie and however they were saved. Computed from the loaded tensors at each start, so nothing
+    is cached that could go stale (about 2 s per GB of weights on one CPU core)."""
+    h = hashlib.sha256()
+    for i, model in enumerate(models):
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f'{i}:{name}:{t.dtype}:{tuple(t.shape)};'.encode())
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]

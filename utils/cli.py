@@ -25,12 +25,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def main_guard(main):
-    """Run main(); a UserError becomes one line on stderr and exit status 2."""
+    """Run main(); a UserError becomes one line on stderr and exit status 2, Ctrl-C one line (with what
+    main kept, when its KeyboardInterrupt says) and exit status 130, the shell's for SIGINT."""
     try:
         main()
     except UserError as e:
         print(f'{os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f'{os.path.basename(sys.argv[0])}: interrupted{f"; {e}" if str(e) else ""}', file=sys.stderr)
+        sys.exit(130)
 
 
 def comma_list(kind, name):

@@ -26,3 +26,12 @@ def barrier():
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def total(n, device):
+    """n summed over the processes (n itself when run plainly); every process waits for the others."""
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t)
+    return int(t.item())

@@ -40,24 +40,32 @@ def save_npz(path, **arrays):
     write_npz_streaming(path, {k: (np.shape(v), np.asarray(v).dtype, [np.asarray(v)]) for k, v in arrays.items()})
 
 
-def write_npz_streaming(path, arrays):
+def write_npz_streaming(path, arrays, check=None):
     """Write an uncompressed .npz whose arrays arrive in pieces, so that 9.8 GB of images never sit
     in memory (let alone twice). arrays: {name: (shape, dtype, iterable of C-ordered chunks)}.
-    Written to a temporary name and renamed when whole."""
+    Written to a temporary name and renamed when whole, and when check(temporary path), if given,
+    returns without raising: a file under `path` is always a whole, checked one."""
     import zipfile
     tmp = f'{path}.tmp'
-    with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, (shape, dtype, chunks) in arrays.items():
-            with zf.open(f'{name}.npy', 'w', force_zip64=True) as f:
-                header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False, 'shape': tuple(shape)}
-                np.lib.format.write_array_header_1_0(f, header)
-                written = 0
-                for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                    f.write(chunk.tobytes())
-                    written += chunk.size
-                if written != int(np.prod(shape)):
-                    raise RuntimeError(f'{name}: {written} elements written, {int(np.prod(shape))} expected')
+    try:
+        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, (shape, dtype, chunks) in arrays.items():
+                with zf.open(f'{name}.npy', 'w', force_zip64=True) as f:
+                    header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False, 'shape': tuple(shape)}
+                    np.lib.format.write_array_header_1_0(f, header)
+                    written = 0
+                    for chunk in chunks:
+                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                        f.write(chunk.tobytes())
+                        written += chunk.size
+                    if written != int(np.prod(shape)):
+                        raise RuntimeError(f'{name}: {written} elements written, {int(np.prod(shape))} expected')
+        if check:
+            check(tmp)
+    except BaseException:  # failed, refused or interrupted (Ctrl-C): leave no 10 GB half file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
