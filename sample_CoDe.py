@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import code_schedule, generate
+from models import generate
 from utils import distributed, io
-from utils.checkpoints import load_code_models, load_vae, vae_path, weights_digest
+from utils.checkpoints import describe_schedule, load_code_schedule, load_vae, vae_path, weights_digest
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
                        check_sampling, main_guard, runtime)
 from utils.errors import UserError, one_line
@@ -55,7 +55,7 @@ def parse_classes(text):
             a, b = text.split('-')
             classes = list(range(int(a), int(b) + 1))
         else:
-            classes = [int(c) for c in text.split(',') if c.strip()]
+            classes = [int(c) for c in text.split(',')]  # '1,,2' is refused, not read as '1,2'
     except ValueError:
         raise UserError(f'--classes takes a range A-B or a comma list of ints, got {text!r}') from None
     if not classes:
@@ -94,13 +94,13 @@ def output_paths(text):
     return folder, npz_path
 
 
-def manifest_of(args, models, dtype, device):
+def manifest_of(args, schedule, vae, dtype, device):
     """What the samples depend on: the weights' content (not where the files lie), the settings, the batch
     size and seed, and the device type and precision, whose float rounding changes tokens."""
     return dict(
         classes=args.classes, images_per_class=args.images_per_class, batch_size=args.batch_size, seed=args.seed,
         cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
-        draft_steps=args.draft_steps, weights=weights_digest(*models),
+        stops=[stage.stop for stage in schedule], weights=weights_digest(*[stage.model for stage in schedule], vae),
         dtype=str(dtype).removeprefix('torch.'), device=device.type)
 
 
@@ -233,7 +233,7 @@ def main():
     args = parser().parse_args()
     args.classes = parse_classes(args.classes)
     check_sampling(args, draft_steps_max=10)
-    if not args.drafter_ckpt:  # the official models have 1000 classes: say so before downloading them
+    if not (args.drafter_ckpt or args.refiner_ckpt or args.schedule):  # the official models have 1000 classes: say so before downloading
         check_labels(args.classes, 1000, '--classes')
     if args.images_per_class < 1 or args.batch_size < 1:
         raise UserError('--images_per_class and --batch_size must be >= 1')
@@ -252,13 +252,12 @@ def main():
 
 def sample(args, folder, npz_path, rank, world, device, dtype):
     say = print if rank == 0 else (lambda *a, **k: None)
-    drafter, refiner = load_code_models(args, device)
+    schedule = load_code_schedule(args, device)  # --draft_steps 10: the drafter alone
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    schedule = code_schedule(drafter, refiner, args.draft_steps)  # 10: the drafter alone
     prepare(args, schedule, vae, args.classes, '--classes')
     batches = plan(args.classes, args.images_per_class, args.batch_size)
     total = len(args.classes) * args.images_per_class
-    manifest = manifest_of(args, [m for m in (drafter, refiner, vae) if m is not None], dtype, device)
+    manifest = manifest_of(args, schedule, vae, dtype, device)
     check_manifest(folder, manifest)  # every rank checks, so that a refusal stops them all
     if os.path.exists(npz_path):  # finished before, with these settings: never sample it again
         problem = check_npz(npz_path, args.classes, args.images_per_class)
@@ -273,8 +272,7 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     if rank == 0:
         create_workdir(folder, manifest)
     distributed.barrier()
-    what = f'VAR-d{drafter.depth} alone' if refiner is None else f'CoDe: VAR-d{drafter.depth} drafts {args.draft_steps} scales, VAR-d{refiner.depth} refines'
-    say(f'{what}; {total} images ({len(args.classes)} classes x {args.images_per_class}), batch {args.batch_size}, '
+    say(f'{describe_schedule(schedule)}; {total} images ({len(args.classes)} classes x {args.images_per_class}), batch {args.batch_size}, '
         f'{world} process(es); {total - remaining} already done')
     writer = Writer(folder, args.save_png)
     progress = tqdm(total=total, initial=total - remaining, unit='img', disable=rank != 0, smoothing=0.05)

@@ -17,7 +17,7 @@ import torch
 
 import sample_CoDe
 from conftest import ROOT, run_main, user_error
-from models import code_schedule, generate
+from models import Stage, code_schedule, generate
 
 
 # One thread per process: two would oversubscribe the shared cores.
@@ -45,11 +45,11 @@ def sample_here(checkpoints, out, *args):
     return stdout.getvalue()
 
 
-def reference_tokens(models, labels, seed):
+def reference_tokens(models, labels, seed, schedule=None):
     """Tokens of one batch sampled by generate() directly, with sample_CoDe.py's default settings."""
     vae, drafter, refiner = models
     with torch.inference_mode():
-        tokens, _ = generate(code_schedule(drafter, refiner, 8), vae, torch.tensor(labels), seed=seed, cfg=1.5,
+        tokens, _ = generate(schedule or code_schedule(drafter, refiner, 8), vae, torch.tensor(labels), seed=seed, cfg=1.5,
                              top_k=[600] * 10, top_p=0.96, temp=[1.1] * 7 + [1.0] * 3)
     return tokens.numpy()
 
@@ -133,6 +133,25 @@ def test_two_processes_under_torchrun_split_the_work_and_sample_the_same_tokens(
     assert np.array_equal(saved['tokens'], batched[1]['tokens'][rows])
     # the same tokens; the decode's float rounding may move a pixel by one level
     assert np.abs(saved['arr_0'].astype(int) - batched[1]['arr_0'][rows].astype(int)).max() <= 1
+
+
+def test_a_three_model_cascade_under_torchrun(checkpoints, models, tmp_path):
+    """--schedule drafter:6,middle:8,refiner with two processes: the manifest records the stops, and the
+    tokens are those generate() samples with that schedule."""
+    import tiny
+    out = tmp_path / 'cascade'
+    schedule = f'{checkpoints["drafter"]}:6,{checkpoints["middle"]}:8,{checkpoints["refiner"]}'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(ROOT / 'sample_CoDe.py'),
+                        '--schedule', schedule, '--vae_ckpt', checkpoints['vae'], '--output_path', str(out), '--device', 'cpu',
+                        *SETTINGS[:2], '--images_per_class', '1', *SETTINGS[4:]], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert 'cascade: VAR-d2 scales 1-6, VAR-d1 scales 7-8, VAR-d1 scales 9-10' in r.stdout
+    assert json.loads((out / 'manifest.json').read_text())['stops'] == [6, 8, 10]
+    vae, drafter, refiner = models
+    stages = [Stage(drafter, 6), Stage(tiny.tiny_middle(), 8), Stage(refiner, 10)]
+    expected = np.concatenate([reference_tokens(models, [3, 7], 10, stages), reference_tokens(models, [5], 10, stages)])
+    saved = np.load(f'{out}.npz')
+    assert saved['labels'].tolist() == [3, 7, 5] and np.array_equal(saved['tokens'], expected)
 
 
 def test_rerun_with_other_settings_device_or_precision_is_refused(checkpoints, batched, capsys):
