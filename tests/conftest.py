@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # the fixtures were made with 2 threads
+# the weight-digest cache of sample_CoDe.py goes to a throw-away folder, not the user's ~/.cache
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='code-var-tests-')
 
 import tiny  # noqa: E402
 

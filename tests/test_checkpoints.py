@@ -158,3 +158,23 @@ def test_which_hub_files_each_mode_uses(monkeypatch):
     checkpoints.code_paths('mine.pth', 'other.pth', 12, 6, 2, training_free=False)  # local files: any pair
     assert fetched == ['Zigeng/VAR_CoDe/drafter_7.pth', 'Zigeng/VAR_CoDe/refiner_7.pth',
                        'FoundationVision/var/var_d24.pth', 'FoundationVision/var/var_d20.pth']
+
+
+def test_weight_digests_are_kept_per_file_and_redone_when_the_file_changes(checkpoints, tmp_path, monkeypatch):
+    """sample_CoDe.py keys a run on its weights' content; an 8 GB file is hashed once, not at every
+    resume, and a copy elsewhere has the same digest."""
+    import os
+    import shutil
+    from utils import checkpoints as ck
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    hashed = []
+    real = ck.tensor_digest
+    monkeypatch.setattr(ck, 'tensor_digest', lambda model: (hashed.append(model.source_file), real(model))[1])
+    copy = tmp_path / 'moved.pth'
+    shutil.copy(checkpoints['refiner'], copy)
+    first = ck.weights_digest(ck.load_var(checkpoints['refiner'], 'cpu'))
+    assert ck.weights_digest(ck.load_var(checkpoints['refiner'], 'cpu')) == first and len(hashed) == 1
+    assert ck.weights_digest(ck.load_var(str(copy), 'cpu')) == first and len(hashed) == 2
+    os.utime(copy, ns=(1, 1))  # touched: hashed again, same content, same digest
+    assert ck.weights_digest(ck.load_var(str(copy), 'cpu')) == first and len(hashed) == 3
+    assert ck.weights_digest(ck.load_var(checkpoints['drafter'], 'cpu')) != first

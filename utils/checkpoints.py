@@ -5,6 +5,7 @@ Official files: FoundationVision/var holds the VQVAE and VAR-d16/20/24/30; Zigen
 the fine-tuned CoDe pairs (a d30 drafter and a d16 refiner for 6, 7, 8 and 9 draft steps).
 """
 import hashlib
+import json
 import os
 import re
 import zipfile
@@ -39,7 +40,7 @@ def download(repo_id: str, filename: str, flag: str) -> str:
         return cached
     advice = f'download it yourself and pass its path with {flag}'
     if constants.HF_HUB_OFFLINE:  # say so at once rather than after the hub client's retries
-        raise UserError(f'{filename} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; unset it, or {advice}')
+        raise UserError(f'{filename} (Hugging Face repo {repo_id}) is not in the cache and HF_HUB_OFFLINE is set; unset it, or {advice}')
     size = f'about {FILE_GB[filename]:.1f} GB' if filename in FILE_GB else 'size unknown'
     print(f'downloading {filename} ({size}) from the Hugging Face repo {repo_id} into {constants.HF_HUB_CACHE} '
           f'(once; HF_HUB_OFFLINE=1 makes a machine without network fail at once)', flush=True)
@@ -134,7 +135,9 @@ def load_vae(path: str, device) -> VQVAE:
     _require(sd, path, 'VQVAE')
     with torch.device('meta'):
         model = VQVAE(**vae_config(sd, path))
-    return load_into(model, sd, path).to(device)
+    model = load_into(model, sd, path).to(device)
+    model.source_file = path  # for cached_digest
+    return model
 
 
 def load_var(path: str, device, depth_flag: str = '--depth', depth=None) -> VAR:
@@ -146,7 +149,9 @@ def load_var(path: str, device, depth_flag: str = '--depth', depth=None) -> VAR:
         raise UserError(f'{depth_flag} {depth} disagrees with {path}, which holds a depth-{config["depth"]} VAR')
     with torch.device('meta'):
         model = VAR(**config)
-    return load_into(model, sd, path).to(device)
+    model = load_into(model, sd, path).to(device)
+    model.source_file = path  # for cached_digest
+    return model
 
 
 def official_var_state_dict(sd: dict, model: VAR) -> dict:
@@ -288,14 +293,48 @@ def describe_schedule(schedule):
     return 'cascade: ' + ', '.join(f'VAR-d{m.depth} scales {a + 1}-{stop}' for (m, stop), a in zip(schedule, starts))
 
 
-def weights_digest(*models) -> str:
-    """SHA-256 (16 hex digits) of the models' tensors, names, dtypes and shapes: their weights, wherever
-    the files lie and however they were saved. Computed from the loaded tensors at each start, so nothing
-    is cached that could go stale (about 2 s per GB of weights on one CPU core)."""
+def tensor_digest(model) -> str:
+    """SHA-256 (16 hex digits) of a model's tensors, names, dtypes and shapes: its weights, however saved
+    (about 2 s per GB on one CPU core)."""
     h = hashlib.sha256()
-    for i, model in enumerate(models):
-        for name, t in model.state_dict().items():
-            t = t.detach().cpu().contiguous().reshape(-1)
-            h.update(f'{i}:{name}:{t.dtype}:{tuple(t.shape)};'.encode())
-            h.update(t.view(torch.uint8).numpy())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
+        h.update(t.view(torch.uint8).numpy())
     return h.hexdigest()[:16]
+
+
+def digest_cache_path():
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'code_var', 'weight_digests.json')
+
+
+def cached_digest(model) -> str:
+    """tensor_digest of a model loaded from a file, remembered per file (real path, size and mtime: a
+    changed or replaced file is hashed anew), so a resumed 8 GB run does not hash its weights again."""
+    path = getattr(model, 'source_file', None)
+    if path is None:
+        return tensor_digest(model)
+    stat = os.stat(path)
+    key = f'{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}'
+    cache_file = digest_cache_path()
+    try:
+        with open(cache_file) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = tensor_digest(model)
+        try:  # a cache is a convenience: a read-only home only costs the hashing again
+            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+            tmp = f'{cache_file}.{os.getpid()}.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(cache, f, indent=0)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return cache[key]
+
+
+def weights_digest(*models) -> str:
+    """One digest of several models' weights, wherever their files lie (see cached_digest)."""
+    return hashlib.sha256(','.join(cached_digest(m) for m in models).encode()).hexdigest()[:16]
