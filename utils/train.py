@@ -303,7 +303,9 @@ def run(args, rank, world, device, dtype):
         os.replace(log_path + '.tmp', log_path)
     say(f'{args.role}: VAR-d{student.depth} student{"" if teacher is None else f", VAR-d{teacher.depth} teacher"}, '
         f'{len(labels)} training rows, global batch {args.batch_size} on {world} process(es), '
-        f'steps {start}..{stop - 1} of {args.total_steps}' + (f' (resumed at {start})' if start else ''))
+        + (f'steps {start}..{stop - 1} of {args.total_steps}' + (f' (resumed at {start})' if start else '') if start < stop else
+           f'already at step {start} of {args.total_steps}: nothing to train'
+           + (' (the run is complete)' if start >= args.total_steps else ' (a larger --max_steps goes on)')))
     progress = tqdm(total=stop, initial=start, unit='step', disable=rank != 0)
     log = open(log_path, 'a') if rank == 0 else None
     try:
