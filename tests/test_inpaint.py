@@ -127,17 +127,20 @@ def test_inpaint_script_reproduces_a_reference_case(checkpoints, pngs, tmp_path)
     assert (grid[256 + 100, 256 + 100] == 128).all() and np.array_equal(grid[256:, 512:], saved['images'][1])
 
 
-def test_a_mask_file_equals_the_box(checkpoints, pngs, tmp_path):
+def test_a_mask_file_and_a_schedule_equal_the_box_and_the_two_model_flags(checkpoints, pngs, tmp_path):
     mask = np.zeros((256, 256), dtype=np.uint8)
     mask[64:192, 64:192] = 255
     Image.fromarray(mask).save(tmp_path / 'mask.png')
     results = []
-    for region in (['--box', '64,64,192,192'], ['--mask', str(tmp_path / 'mask.png')]):
-        npz = tmp_path / f'{region[0][2:]}.npz'
-        run_main(inpaint_CoDe, local(checkpoints) + ['--image', pngs[0], '--class_labels', '207', '--output', str(tmp_path / 'g.png'),
-                                  '--save_npz', str(npz), '--draft_steps', '6'] + region)
+    schedule = ['--schedule', f'{checkpoints["drafter"]}:6,{checkpoints["refiner"]}', '--vae_ckpt', checkpoints['vae']]
+    for models, region in ((local(checkpoints) + ['--draft_steps', '6'], ['--box', '64,64,192,192']),
+                           (local(checkpoints) + ['--draft_steps', '6'], ['--mask', str(tmp_path / 'mask.png')]),
+                           (schedule, ['--box', '64,64,192,192'])):  # the same two models, named as a schedule
+        npz = tmp_path / f'{len(results)}.npz'
+        run_main(inpaint_CoDe, models + ['--image', pngs[0], '--class_labels', '207', '--output', str(tmp_path / 'g.png'),
+                                         '--save_npz', str(npz)] + region)
         results.append(np.load(npz)['tokens'])
-    assert np.array_equal(*results)
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
 
 
 
