@@ -18,7 +18,6 @@ speed does not depend on the weights' values). Without it the official var_d{dep
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 
@@ -27,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import VAR, VQVAE, Stage, code_schedule, generate
 from models.var import compile_steps
-from utils.checkpoints import load_vae, load_var, parse_schedule, vae_path, var_path
+from utils.checkpoints import hub_depth, load_vae, load_var, parse_schedule, vae_path, var_path
 from utils.cli import CODE_TEMP, DTYPES, Parser, autocast, check_writable, comma_list, main_guard, runtime
 from utils.io import check_image_path
 from utils.errors import UserError
@@ -118,12 +117,11 @@ def build(args, device):
 
     def model(spec):
         if spec not in models:
-            hub = re.fullmatch(r'd(\d+)', spec)
-            if hub and args.random_weights:
-                depth = int(hub.group(1))
+            depth = hub_depth(spec)
+            if depth is not None and args.random_weights:
                 models[spec] = random_model(VAR, device, depth, depth=depth, embed_dim=64 * depth, num_heads=depth)
             else:
-                models[spec] = load_var(var_path(None, int(hub.group(1)), '--schedule') if hub else spec, device)
+                models[spec] = load_var(spec if depth is None else var_path(None, depth, '--schedule'), device)
         return models[spec]
 
     drafter = f'd{args.drafter_depth}' if args.random_weights or not args.drafter_ckpt else args.drafter_ckpt

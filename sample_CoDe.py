@@ -12,11 +12,9 @@ device type and precision) and refuses a rerun that changes them. Seeds: image j
 sampled by a generator seeded with seed + j; a batch holds image j of up to --batch_size consecutive
 classes. With --batch_size 1 and --seed 0 this is the reference sample_CoDe.py's procedure exactly.
 """
-import json
 import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 
@@ -27,8 +25,8 @@ from tqdm import tqdm
 from models import generate
 from utils import distributed, io
 from utils.checkpoints import describe_schedule, load_code_schedule, load_vae, vae_path, weights_digest
-from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_labels,
-                       check_sampling, main_guard, runtime)
+from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_folder_writable,
+                       check_labels, check_sampling, main_guard, runtime)
 from utils.errors import UserError, one_line
 from utils.infer import prepare
 
@@ -82,11 +80,7 @@ def output_paths(text):
     folder = os.path.abspath(text.rstrip('/'))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f'--output_path {text} is a file; name a work folder (the result is FOLDER.npz beside it)')
-    parent = os.path.dirname(folder)
-    try:  # a real write: os.access says yes to root where nothing can be written (/proc)
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise UserError(f'--output_path {text}: cannot write in {parent} ({one_line(e)})') from None
+    check_folder_writable(os.path.dirname(folder), f'--output_path {text}')
     npz_path = folder + '.npz'
     if os.path.exists(npz_path) and not os.path.exists(os.path.join(folder, 'manifest.json')):
         raise UserError(f'{npz_path} exists, but not {folder}/manifest.json, which says how it was made; '
@@ -106,26 +100,16 @@ def manifest_of(args, schedule, vae, dtype, device):
 
 def check_manifest(folder, manifest):
     """A rerun in DIR must use the settings DIR's samples were made with."""
-    path = os.path.join(folder, 'manifest.json')
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        differ = [k for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k)]
-        if differ:
-            k = differ[0]
-            why = '; the device and precision round differently, which changes the tokens' if {'device', 'dtype'} & set(differ) else ''
-            raise UserError(f'{folder} holds a run with other settings ({", ".join(differ)}; e.g. {k}: {old.get(k)!r} there, '
-                            f'{manifest.get(k)!r} now{why}); use another --output_path or the same settings')
+    rounding = 'the device and precision round differently, which changes the tokens'
+    io.check_same_settings(os.path.join(folder, 'manifest.json'), manifest, folder, 'use another --output_path or the same settings',
+                           reasons=dict(device=rounding, dtype=rounding))
 
 
 def create_workdir(folder, manifest):
     path = os.path.join(folder, 'manifest.json')
     os.makedirs(os.path.join(folder, 'batches'), exist_ok=True)
     if not os.path.exists(path):
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, path)
+        io.save_json(path, manifest)
 
 
 def batch_file(folder, name, kind):
@@ -139,12 +123,11 @@ def done_batches(folder):
 
 
 def save_atomic(path, array):
-    """The file appears whole or not at all: a crash mid-write leaves PATH.tmp, which nothing reads."""
-    with open(path + '.tmp', 'wb') as f:
+    """The file appears whole or not at all, and on disk (fsync) before it has its name."""
+    with io.atomic_path(path) as tmp, open(tmp, 'wb') as f:
         np.save(f, array)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
 
 
 class Writer:

@@ -72,18 +72,14 @@ class MultiScaleQuantizer(nn.Module):
         """Training's VAR input of scales 1.. (B, L - 1, Cvae) from known tokens of every scale
         (B, L), built by add_scale exactly as sampling builds it from sampled tokens. Always fp32:
         the inputs are data, not part of the mixed-precision model."""
-        with torch.autocast(tokens_BL.device.type, enabled=False):
-            return self._teacher_inputs(tokens_BL)
-
-    def _teacher_inputs(self, tokens_BL):
-        B = tokens_BL.shape[0]
-        side = self.patch_nums[-1]
+        B, side = tokens_BL.shape[0], self.patch_nums[-1]
         f_hat = torch.zeros(B, self.Cvae, side, side, device=tokens_BL.device)
         inputs, begin = [], 0
-        for si, pn in enumerate(self.patch_nums[:-1]):
-            h_BChw = self.embedding(tokens_BL[:, begin:begin + pn * pn]).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
-            inputs.append(self.add_scale(si, f_hat, h_BChw).flatten(2).transpose(1, 2))
-            begin += pn * pn
+        with torch.autocast(tokens_BL.device.type, enabled=False):
+            for si, pn in enumerate(self.patch_nums[:-1]):
+                h_BChw = self.embedding(tokens_BL[:, begin:begin + pn * pn]).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+                inputs.append(self.add_scale(si, f_hat, h_BChw).flatten(2).transpose(1, 2))
+                begin += pn * pn
         return torch.cat(inputs, dim=1)
 
     def quantize(self, f_BChw):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,3 +179,18 @@ def test_weight_digests_are_kept_per_file_and_redone_when_the_file_changes(check
     os.utime(copy, ns=(1, 1))  # touched: hashed again, same content, same digest
     assert ck.weights_digest(ck.load_var(str(copy), 'cpu')) == first and len(hashed) == 3
     assert ck.weights_digest(ck.load_var(checkpoints['drafter'], 'cpu')) != first
+
+
+def test_files_written_here_carry_the_official_derived_buffers():
+    """weights.pth (and the test checkpoints) hold the buffers the official VAR registers: the scale of
+    each of the 680 positions (1 of scale 0, 4 of scale 1, ... 256 of scale 9), the block-causal mask
+    (0 where a position may attend, -inf elsewhere) and the keys' zero bias."""
+    model = tiny.tiny_refiner()
+    sd = tiny.official_state_dict(model)
+    level = np.repeat(np.arange(10), [pn * pn for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)])
+    assert sd['lvl_1L'].shape == (1, 680) and sd['lvl_1L'][0].tolist() == level.tolist()
+    mask = sd['attn_bias_for_masking'][0, 0].numpy()
+    assert mask.shape == (680, 680)
+    assert (mask[4, :5] == 0).all() and np.isneginf(mask[4, 5:]).all()   # position 4 is scale 1: sees scales 0-1
+    assert (mask[679] == 0).all() and np.isneginf(mask[0, 1:]).all()
+    assert torch.equal(sd['blocks.0.attn.zero_k_bias'], torch.zeros(64))

@@ -4,6 +4,7 @@ teacher forcing equal to the cached sampling step, learning, exact resume, torch
 weights sampling, and one-line errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,7 +205,11 @@ def test_stop_and_rerun_gives_the_uninterrupted_weights(files, uninterrupted, ca
     run_main(finetune_CoDe, shared_run(files, out, root / 'cache', '--max_steps', 2))
     assert [e['step'] for e in read_log(out)] == [0, 1]
     assert 'other settings (lr;' in user_error(finetune_CoDe, shared_run(files, out, root / 'cache', '--lr', 2e-3), capsys)
-    run_main(finetune_CoDe, shared_run(files, out, root / 'cache', '--max_steps', 5, '--save_every', 2))
+    moved = dict(files)  # the checkpoints copied elsewhere: the run is keyed on their content, not their paths
+    for key in (('refiner_d1', 2), ('drafter_d2', 1), 'vae'):
+        moved[key] = str(root / f'moved_{os.path.basename(files[key])}')
+        shutil.copy(files[key], moved[key])
+    run_main(finetune_CoDe, shared_run(moved, out, root / 'cache', '--max_steps', 5, '--save_every', 2))
     assert_same_weights(read_state_dict(str(out / 'weights.pth')), weights)
     assert read_log(out) == [{**a, **{k: b[k] for k in ('images_per_s', 'data_s', 'step_s')}} for a, b in zip(log, read_log(out))]
     assert [e['lr'] for e in log] == [lr_at(s, 1e-3, 0.0, 2, 5) for s in range(5)] and all(e['kd'] > 0 for e in log)

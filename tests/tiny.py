@@ -10,6 +10,7 @@ import zlib
 import torch
 
 from models import VAR, VQVAE
+from utils.checkpoints import official_var_state_dict
 
 VAE_SALT, DRAFTER_SALT, REFINER_SALT, MIDDLE_SALT = 0, 1, 2, 3
 SPECIAL = {'class_emb.weight', 'pos_start', 'pos_1LC', 'lvl_embed.weight'}
@@ -60,14 +61,10 @@ def tiny_middle():
 def official_state_dict(model):
     """The state dict as the official code saves it: with the buffers this code derives instead of
     loading (VAR's level index, training mask and zero key bias; the VQVAE's usage statistic)."""
-    sd = dict(model.state_dict())
     if isinstance(model, VAR):
-        level = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(model.patch_nums)]).view(1, -1)
-        sd['lvl_1L'] = level
-        sd['attn_bias_for_masking'] = torch.where(level.view(-1, 1) >= level, 0.0, -torch.inf).view(1, 1, model.L, model.L)
-        sd.update({f'blocks.{i}.attn.zero_k_bias': torch.zeros(model.C) for i in range(model.depth)})
-    else:
-        sd['quantize.ema_vocab_hit_SV'] = torch.zeros(len(model.patch_nums), model.vocab_size)
+        return official_var_state_dict(model.state_dict(), model)  # what finetune_CoDe.py writes, too
+    sd = dict(model.state_dict())
+    sd['quantize.ema_vocab_hit_SV'] = torch.zeros(len(model.patch_nums), model.vocab_size)
     return sd
 
 

@@ -16,6 +16,7 @@ from models import VAR, VQVAE, Stage, code_schedule
 from models.quant import PATCH_NUMS
 
 from .errors import UserError, one_line
+from .io import atomic_path, save_json
 
 VAR_REPO, CODE_REPO = 'FoundationVision/var', 'Zigeng/VAR_CoDe'
 VAE_FILE = 'vae_ch160v4096z32.pth'
@@ -167,8 +168,8 @@ def official_var_state_dict(sd: dict, model: VAR) -> dict:
 
 def save_var(sd: dict, model: VAR, path: str):
     """A VAR state dict in the official layout, written to a temporary name and renamed when whole."""
-    torch.save(official_var_state_dict(sd, model), path + '.tmp')
-    os.replace(path + '.tmp', path)
+    with atomic_path(path) as tmp:
+        torch.save(official_var_state_dict(sd, model), tmp)
 
 
 def vae_path(local):
@@ -231,6 +232,12 @@ def load_code_models(args, device):
 
 # ----------------------------------------------------------------------------- --schedule: any chain of models
 
+def hub_depth(spec: str):
+    """The depth a schedule entry names ('d30' -> 30), or None for a checkpoint path."""
+    match = re.fullmatch(r'd(\d+)', spec)
+    return int(match.group(1)) if match else None
+
+
 def parse_schedule(text: str, num_scales: int = 10, hub: bool = True):
     """'d30:6,d20:8,d16' -> [('d30', 6), ('d20', 8), ('d16', 10)]: each model (a hub depth dNN or a
     checkpoint path) with the scale it stops before; the last one runs to the end. Checked before
@@ -248,8 +255,8 @@ def parse_schedule(text: str, num_scales: int = 10, hub: bool = True):
             raise UserError(f'--schedule: {entry!r} needs the scale it stops before, MODEL:STOP (only the last model runs to the end)')
         if stop is not None and last:
             raise UserError(f'--schedule: the last model runs to the end; write {model!r} without :{stop}')
-        if hub and re.fullmatch(r'd\d+', model):  # hub=False: depths name random-weight models (benchmark.py)
-            check_hub_depth(None, int(model[1:]), '--schedule')
+        if hub and hub_depth(model) is not None:  # hub=False: depths name random-weight models (benchmark.py)
+            check_hub_depth(None, hub_depth(model), '--schedule')
         stages.append((model, num_scales if last else int(stop)))
     stops = [stop for _, stop in stages[:-1]]
     if any(not 1 <= s < num_scales for s in stops) or stops != sorted(set(stops)):
@@ -263,8 +270,8 @@ def load_schedule(stages, device):
     models = {}
     for spec, _ in stages:
         if spec not in models:
-            hub = re.fullmatch(r'd(\d+)', spec)
-            models[spec] = load_var(var_path(None, int(hub.group(1)), '--schedule') if hub else spec, device, '--schedule')
+            depth = hub_depth(spec)
+            models[spec] = load_var(spec if depth is None else var_path(None, depth, '--schedule'), device, '--schedule')
     first = models[stages[0][0]]
     for spec, model in models.items():
         for key in ('vocab_size', 'Cvae', 'patch_nums', 'num_classes'):
@@ -326,10 +333,7 @@ def cached_digest(model) -> str:
         cache[key] = tensor_digest(model)
         try:  # a cache is a convenience: a read-only home only costs the hashing again
             os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            tmp = f'{cache_file}.{os.getpid()}.tmp'
-            with open(tmp, 'w') as f:
-                json.dump(cache, f, indent=0)
-            os.replace(tmp, cache_file)
+            save_json(cache_file, cache)
         except OSError:
             pass
     return cache[key]

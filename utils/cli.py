@@ -2,7 +2,6 @@
 import argparse
 import difflib
 import os
-import re
 import sys
 import tempfile
 
@@ -159,9 +158,9 @@ def check_sampling(args, draft_steps_max=None, hub=False):
         given = [f for f in TWO_MODEL_FLAGS if getattr(args, f) not in (None, False)]
         if given:
             raise UserError(f'--schedule replaces --{given[0]}; give either the schedule or the drafter/refiner flags')
-        from .checkpoints import parse_schedule
+        from .checkpoints import hub_depth, parse_schedule
         args.stages = parse_schedule(args.schedule)
-        hub = hub and all(re.fullmatch(r'd\d+', spec) for spec, _ in args.stages)  # local files may have other classes
+        hub = hub and all(hub_depth(spec) is not None for spec, _ in args.stages)  # local files may have other classes
     elif draft_steps_max is not None:
         args.draft_steps = 8 if args.draft_steps is None else args.draft_steps
     if draft_steps_max is not None and not args.schedule and not 1 <= args.draft_steps <= draft_steps_max:
@@ -212,15 +211,19 @@ def autocast(device, dtype):
 
 
 def check_writable(path, flag):
-    """Fail before sampling, not after, when an output cannot be written: a file is created and
-    removed in its folder (permission bits alone do not tell, e.g. for root or in /proc)."""
+    """Fail before sampling, not after, when an output cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f'{flag} {path} is a folder; give a file name')
     if not os.path.isdir(folder):
         raise UserError(f'{flag} {path}: folder {folder} does not exist')
+    check_folder_writable(folder, f'{flag} {path}')
+
+
+def check_folder_writable(folder, what):
+    """A real write, since permission bits do not tell (root passes os.access where nothing can be written, as in /proc)."""
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
             pass
     except OSError as e:
-        raise UserError(f'{flag} {path}: cannot write in {folder} ({one_line(e)})') from None
+        raise UserError(f'{what}: cannot write in {folder} ({one_line(e)})') from None

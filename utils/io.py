@@ -1,4 +1,6 @@
 """Images and arrays out: the reference's grid PNG and an npz of tokens, labels and images."""
+import contextlib
+import json
 import os
 
 import numpy as np
@@ -6,6 +8,42 @@ import torch
 from PIL import Image
 
 from .errors import UserError, one_line
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside path to write to: renamed to path when the block ends, removed when it
+    fails or is interrupted, so that path only ever holds a whole file (the process id keeps two
+    torchrun processes writing the same file apart)."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+
+
+def check_same_settings(path, settings, what, advice, reasons=None):
+    """A rerun must be the run its folder holds: False when path (a JSON of settings) does not exist yet,
+    True when it holds these settings, else one line naming what differs (reasons: key -> why it matters)."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        old = json.load(f)
+    differ = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    if differ:
+        k = differ[0]
+        why = ''.join(dict.fromkeys(f'; {reasons[d]}' for d in differ if reasons and d in reasons))
+        raise UserError(f'{what} holds a run with other settings ({", ".join(differ)}; e.g. {k}: {old.get(k)!r} there, '
+                        f'{settings.get(k)!r} now{why}); {advice}')
+    return True
 
 
 def to_uint8(images_B3HW):
@@ -46,8 +84,7 @@ def write_npz_streaming(path, arrays, check=None):
     Written to a temporary name and renamed when whole, and when check(temporary path), if given,
     returns without raising: a file under `path` is always a whole, checked one."""
     import zipfile
-    tmp = f'{path}.tmp'
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, (shape, dtype, chunks) in arrays.items():
                 with zf.open(f'{name}.npy', 'w', force_zip64=True) as f:
@@ -62,11 +99,6 @@ def write_npz_streaming(path, arrays, check=None):
                         raise RuntimeError(f'{name}: {written} elements written, {int(np.prod(shape))} expected')
         if check:
             check(tmp)
-    except BaseException:  # failed, refused or interrupted (Ctrl-C): leave no 10 GB half file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
 
 
 def npz_array_header(path, name):

@@ -17,8 +17,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoints import VAE_FILE, load_vae, load_var, save_var, var_path, vae_path
+from .checkpoints import load_vae, load_var, save_var, var_path, vae_path, weights_digest
+from .cli import check_folder_writable
 from .errors import UserError
+from .io import atomic_path, check_same_settings, save_json
 from .losses import ROLES, distillation_loss, role_positions
 from .train_data import token_cache
 
@@ -65,11 +67,12 @@ def dropped(step, batch_size, seed, rate):
     return torch.rand(batch_size, generator=g).numpy() < rate
 
 
-def settings_of(args):
-    describe = lambda p: os.path.abspath(p) if p and p != 'none' else p
-    s = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
-    for k in ('student_ckpt', 'teacher_ckpt', 'vae_ckpt', 'data'):
-        s[k] = describe(s[k])
+def settings_of(args, student, teacher, vae):
+    """What the trained weights depend on: the flags, the data folder and the models' content (not
+    where their files lie, so that a rerun may find them elsewhere, as sample_CoDe.py's manifest)."""
+    s = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS | {'student_ckpt', 'teacher_ckpt', 'vae_ckpt'}}
+    s['data'] = os.path.abspath(args.data)
+    s.update(student=weights_digest(student), teacher=teacher and weights_digest(teacher), vae=weights_digest(vae))
     return s
 
 
@@ -101,23 +104,13 @@ def prepare_output(folder):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UserError(f'--output_dir {folder}: cannot create it ({e.strerror})') from None
-    if not os.access(folder, os.W_OK):
-        raise UserError(f'--output_dir {folder} is not writable')
+    check_folder_writable(folder, f'--output_dir {folder}')
 
 
 def check_settings(folder, settings):
     """A rerun in the same folder must be the same run (only --max_steps and the logging flags may change)."""
-    path = os.path.join(folder, 'settings.json')
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        old = json.load(f)
-    differ = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-    if differ:
-        k = differ[0]
-        raise UserError(f'{folder} holds a run with other settings ({", ".join(differ)}; e.g. {k}: {old.get(k)!r} there, '
-                        f'{settings.get(k)!r} now); use another --output_dir or the same settings')
-    return True
+    return check_same_settings(os.path.join(folder, 'settings.json'), settings, folder,
+                               'use another --output_dir or the same settings')
 
 
 def load_models(args, device):
@@ -171,8 +164,8 @@ def save_state(path, model, optimizer, step, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save(dict(model=msd, optimizer=osd, step=step, torch_rng=torch.get_rng_state()), path + '.tmp')
-        os.replace(path + '.tmp', path)
+        with atomic_path(path) as tmp:
+            torch.save(dict(model=msd, optimizer=osd, step=step, torch_rng=torch.get_rng_state()), tmp)
     distributed.barrier()
 
 
@@ -267,11 +260,11 @@ def run(args, rank, world, device, dtype):
     if rank == 0:
         prepare_output(folder)
     distributed.barrier()
-    settings = settings_of(args)
-    resuming = check_settings(folder, settings)
     student, teacher, vae = load_models(args, device)
+    settings = settings_of(args, student, teacher, vae)
+    resuming = check_settings(folder, settings)
     positions = role_positions(args.role, args.draft_steps, student.begin_ends)
-    vae_id = os.path.abspath(args.vae_ckpt) if args.vae_ckpt else f'hub:{VAE_FILE}'
+    vae_id = settings['vae']  # the encoder's content: a cache outlives where its file lay
     cache_dir = os.path.abspath(args.token_cache) if args.token_cache else os.path.join(folder, 'token_cache')
     tokens, labels, num_classes = token_cache(cache_dir, args.data, vae, vae_id, args.hflip, '--data', rank, world,
                                               args.encode_batch_size, args.workers)
@@ -283,9 +276,7 @@ def run(args, rank, world, device, dtype):
                                                 world, args.encode_batch_size, args.workers)
         val = (val_tokens, val_labels)
     if rank == 0 and not resuming:
-        with open(os.path.join(folder, 'settings.json.tmp'), 'w') as f:
-            json.dump(settings, f, indent=1)
-        os.replace(os.path.join(folder, 'settings.json.tmp'), os.path.join(folder, 'settings.json'))
+        save_json(os.path.join(folder, 'settings.json'), settings)
 
     model = wrap(student, args, world, device)
     optimizer = torch.optim.AdamW(param_groups(student, args.wd), lr=args.lr, betas=(0.9, 0.95),
@@ -298,9 +289,8 @@ def run(args, rank, world, device, dtype):
     micro = args.batch_size // world // args.grad_accum
     if rank == 0:
         kept = read_log(log_path, start)
-        with open(log_path + '.tmp', 'w') as f:
+        with atomic_path(log_path) as tmp, open(tmp, 'w') as f:
             f.writelines(kept)
-        os.replace(log_path + '.tmp', log_path)
     say(f'{args.role}: VAR-d{student.depth} student{"" if teacher is None else f", VAR-d{teacher.depth} teacher"}, '
         f'{len(labels)} training rows, global batch {args.batch_size} on {world} process(es), '
         + (f'steps {start}..{stop - 1} of {args.total_steps}' + (f' (resumed at {start})' if start else '') if start < stop else

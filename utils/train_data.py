@@ -7,7 +7,6 @@ then original before mirrored) and labels.npy. Under torchrun the processes shar
 Training memory-maps tokens.npy and never reads an image.
 """
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .errors import UserError, one_line
-from .io import _fit
+from .io import _fit, atomic_path, check_same_settings, save_json
 
 # torchvision's ImageFolder extensions
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -71,12 +70,6 @@ def _as_columns(items):
     return list(zip(*items))  # (arrays, indices, errors): images may fail, so no stacking here
 
 
-def _atomic_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
-
-
 @torch.no_grad()
 def encode(vae, images_BHW3, hflip):
     """uint8 images -> int16 tokens (B * views, L), each image's original then its mirror image."""
@@ -98,8 +91,8 @@ def _encode_shard(vae, root, files, hflip, batch_size, workers, progress, path):
                 raise UserError(f'cannot read image {os.path.join(root, files[i])} ({why}); remove or replace it')
         out.append(encode(vae, torch.stack(arrays), hflip))
         progress.update(len(arrays))
-    np.save(path + '.tmp.npy', np.concatenate(out))
-    os.replace(path + '.tmp.npy', path)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        np.save(f, np.concatenate(out))
 
 
 def token_cache(cache_dir, root, vae, vae_id, hflip, flag, rank=0, world=1, batch_size=32, workers=4):
@@ -111,18 +104,12 @@ def token_cache(cache_dir, root, vae, vae_id, hflip, flag, rank=0, world=1, batc
                 labels_sha256=hashlib.sha256(labels.tobytes()).hexdigest(),
                 vae=vae_id, hflip=hflip, shard_size=SHARD_SIZE, tokens=sum(pn * pn for pn in vae.patch_nums))
     meta_path = os.path.join(cache_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        differ = [k for k in meta if old.get(k) != meta[k]]
-        if differ:
-            raise UserError(f'token cache {cache_dir} was made from other data or settings ({", ".join(differ)} differ); '
-                            f'use another cache folder or delete it')
+    check_same_settings(meta_path, meta, f'token cache {cache_dir}', 'use another cache folder or delete it')
     shard_dir = os.path.join(cache_dir, 'shards')
     final = os.path.join(cache_dir, 'tokens.npy')
     if rank == 0:
         os.makedirs(shard_dir, exist_ok=True)
-        _atomic_json(meta_path, meta)
+        save_json(meta_path, meta)
     distributed.barrier()
     views = 2 if hflip else 1
     if not os.path.exists(final):
@@ -137,13 +124,12 @@ def token_cache(cache_dir, root, vae, vae_id, hflip, flag, rank=0, world=1, batc
                               os.path.join(shard_dir, f'{s:09d}.npy'))
         distributed.barrier()
         if rank == 0:
-            tmp = final + '.tmp.npy'
-            out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.int16, shape=(len(files) * views, meta['tokens']))
-            for s in starts:
-                out[s * views:(s + SHARD_SIZE) * views] = np.load(os.path.join(shard_dir, f'{s:09d}.npy'))
-            out.flush()
-            del out
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.int16, shape=(len(files) * views, meta['tokens']))
+                for s in starts:
+                    out[s * views:(s + SHARD_SIZE) * views] = np.load(os.path.join(shard_dir, f'{s:09d}.npy'))
+                out.flush()
+                del out
             print(f'{len(files)} images{" and their mirror images" if hflip else ""} of {root} encoded into {final}')
         distributed.barrier()
     return np.load(final, mmap_mode='r'), np.repeat(labels, views), len(classes)
