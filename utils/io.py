@@ -141,7 +141,7 @@ class _npz_member:
         self.zf.close()
 
 
-def _fit(img, size, resample):
+def fit_square(img, size, resample):
     """Shorter side to size, then the centred size x size square."""
     w, h = img.size
     if (w, h) != (size, size):
@@ -159,7 +159,7 @@ def load_image(path, size=256):
             img = img.convert('RGB')
     except (OSError, ValueError) as e:
         raise UserError(f'cannot read image {path} ({one_line(e)})') from None
-    return np.asarray(_fit(img, size, Image.BICUBIC)), img.size
+    return np.asarray(fit_square(img, size, Image.BICUBIC)), img.size
 
 
 def load_mask(path, image_sizes, size=256):
@@ -173,5 +173,5 @@ def load_mask(path, image_sizes, size=256):
     if img.size != (size, size):
         if any(s != img.size for s in image_sizes):
             raise UserError(f'--mask {path} is {img.size[0]}x{img.size[1]}; it must be {size}x{size} or the size of every input image')
-        img = _fit(img, size, Image.NEAREST)
+        img = fit_square(img, size, Image.NEAREST)
     return np.asarray(img) > 127

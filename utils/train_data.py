@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .errors import UserError, one_line
-from .io import _fit, atomic_path, check_same_settings, save_json
+from .io import atomic_path, check_same_settings, fit_square, save_json
 
 # torchvision's ImageFolder extensions
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -49,7 +49,7 @@ def read_image(path):
     try:
         with Image.open(path) as img:
             img = img.convert('RGB')
-        return np.array(_fit(img, 256, Image.BICUBIC)), None  # a writable copy, for torch.from_numpy
+        return np.array(fit_square(img, 256, Image.BICUBIC)), None  # a writable copy, for torch.from_numpy
     except Exception as e:  # PIL raises many types for a broken file
         return None, one_line(e)
 
