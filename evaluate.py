@@ -19,11 +19,11 @@ import zlib
 import numpy as np
 import torch
 from scipy import linalg
-from tqdm import tqdm
 
 from utils.cli import Parser, main_guard, runtime
 from utils.errors import UserError, one_line
 from utils.io import iter_npz_array, npz_array_header
+from utils.timing import progress
 
 SPLIT_SIZE = 5000     # Inception Score splits, in order
 NEIGHBOURS = 3        # k of the k-NN radii of precision and recall
@@ -113,7 +113,7 @@ def activations(inception, path, batch_size):
     pools, logits, spatials = [], [], []
     n = npz_array_header(path, 'arr_0')[0][0]
     try:  # a damaged member shows only while it is read (a CRC error at its end, a zlib error)
-        for batch in tqdm(iter_npz_array(path, 'arr_0', batch_size), total=-(-n // batch_size), desc=os.path.basename(path), unit='batch'):
+        for batch in progress(iterable=iter_npz_array(path, 'arr_0', batch_size), total=-(-n // batch_size), desc=os.path.basename(path), unit='batch'):
             pool, logit, spatial = inception(batch)
             pools.append(pool)
             logits.append(logit)

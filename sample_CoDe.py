@@ -20,10 +20,9 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models import generate
-from utils import distributed, io
+from utils import distributed, io, timing
 from utils.checkpoints import describe_schedule, load_code_schedule, load_vae, vae_path, weights_digest
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_folder_writable,
                        check_labels, check_sampling, main_guard, runtime)
@@ -258,7 +257,7 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     say(f'{describe_schedule(schedule)}; {total} images ({len(args.classes)} classes x {args.images_per_class}), batch {args.batch_size}, '
         f'{world} process(es); {total - remaining} already done')
     writer = Writer(folder, args.save_png)
-    progress = tqdm(total=total, initial=total - remaining, unit='img', disable=rank != 0, smoothing=0.05)
+    progress = timing.progress(rank == 0, total=total, initial=total - remaining, unit='img', smoothing=0.05)
     start, sampled = time.perf_counter(), 0
     try:
         with torch.inference_mode(), autocast(device, dtype):

@@ -187,11 +187,14 @@ def test_a_download_says_what_it_fetches_before_it_starts(tmp_path, capsys, monk
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """runtime() as it behaves on a machine with one GPU (nothing runs on it)."""
+    """runtime() as it behaves on a machine with one GPU (nothing runs on it). The TF32 flags are
+    saved and restored by hand: torch serves them through a module __getattr__, which monkeypatch
+    (pytest >= 9.2) takes for a missing attribute and then fails to undo."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    for module in (torch.backends.cuda.matmul, torch.backends.cudnn):  # restored after the test
-        monkeypatch.setattr(module, 'allow_tf32', module.allow_tf32)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def runtime_of(**flags):

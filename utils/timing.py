@@ -1,10 +1,12 @@
 """Wall time and peak memory, the way the reference reports them: CUDA events and
-max_memory_allocated on a GPU; perf_counter and the process's peak RSS on a CPU."""
+max_memory_allocated on a GPU; perf_counter and the process's peak RSS on a CPU. And the progress
+bar of long work."""
 import resource
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 
 class Clock:
@@ -64,3 +66,9 @@ def peak_memory(device):
         return torch.cuda.max_memory_allocated(device) / 2**20, 'torch.cuda.max_memory_allocated'
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return (kib / 2**20 if sys.platform == 'darwin' else kib / 2**10), 'peak RSS of the whole process'
+
+
+def progress(show=True, **kw):
+    """A tqdm bar drawn only on a terminal (tqdm's disable=None), as the usual convention: a log file or
+    a pipe gets the scripts' own lines, not hundreds of bar refreshes. show=False: none (torchrun ranks > 0)."""
+    return tqdm(disable=None if show else True, **kw)

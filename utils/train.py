@@ -14,9 +14,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from . import distributed
+from . import distributed, timing
 from .checkpoints import load_vae, load_var, save_var, var_path, vae_path, weights_digest
 from .cli import check_folder_writable
 from .errors import UserError
@@ -296,7 +295,7 @@ def run(args, rank, world, device, dtype):
         + (f'steps {start}..{stop - 1} of {args.total_steps}' + (f' (resumed at {start})' if start else '') if start < stop else
            f'already at step {start} of {args.total_steps}: nothing to train'
            + (' (the run is complete)' if start >= args.total_steps else ' (a larger --max_steps goes on)')))
-    progress = tqdm(total=stop, initial=start, unit='step', disable=rank != 0)
+    progress = timing.progress(rank == 0, total=stop, initial=start, unit='step')
     log = open(log_path, 'a') if rank == 0 else None
     try:
         for step in range(start, stop):

@@ -12,9 +12,8 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from . import distributed
+from . import distributed, timing
 from .errors import UserError, one_line
 from .io import atomic_path, check_same_settings, fit_square, save_json
 
@@ -117,8 +116,8 @@ def token_cache(cache_dir, root, vae, vae_id, hflip, flag, rank=0, world=1, batc
         todo = [s for s in starts if not os.path.exists(os.path.join(shard_dir, f'{s:09d}.npy'))]
         distributed.barrier()  # every process has listed the shards before any writes one
         mine = todo[rank::world]
-        with tqdm(total=len(files), initial=len(files) - sum(min(SHARD_SIZE, len(files) - s) for s in todo), unit='img',
-                  desc=f'encoding {os.path.basename(root.rstrip("/"))}', disable=rank != 0, leave=False) as progress:
+        with timing.progress(rank == 0, total=len(files), initial=len(files) - sum(min(SHARD_SIZE, len(files) - s) for s in todo),
+                             unit='img', desc=f'encoding {os.path.basename(root.rstrip("/"))}', leave=False) as progress:
             for s in mine:  # other processes encode alongside; rank 0's bar counts its own share
                 _encode_shard(vae, root, files[s:s + SHARD_SIZE], hflip, batch_size, workers, progress,
                               os.path.join(shard_dir, f'{s:09d}.npy'))
