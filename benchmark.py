@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import VAR, VQVAE, Stage, code_schedule, generate
 from models.var import compile_steps
-from utils.checkpoints import hub_depth, load_vae, load_var, parse_schedule, vae_path, var_path
+from utils.checkpoints import check_agreement, hub_depth, load_vae, load_var, parse_schedule, vae_path, var_path
 from utils.cli import CODE_TEMP, DTYPES, Parser, autocast, check_writable, comma_list, main_guard, runtime
 from utils.io import check_image_path
 from utils.errors import UserError
@@ -66,8 +66,22 @@ def check(args):
     for m in args.modes:
         if m != 'original' and not (m.isdigit() and 1 <= int(m) <= 9):
             raise UserError(f"--modes: {m!r} is neither 'original' nor a number of draft steps 1-9")
+    for flag in ('drafter_depth', 'refiner_depth'):
+        if getattr(args, flag) < 1:
+            raise UserError(f'--{flag} must be >= 1, got {getattr(args, flag)}')
+    if args.vae_ch < 32 or args.vae_ch % 32:  # its GroupNorms have 32 groups
+        raise UserError(f'--vae_ch must be a positive multiple of 32 (the official VQVAE has 160), got {args.vae_ch}')
+    if args.random_weights:
+        given = [f'--{f}' for f in ('drafter_ckpt', 'refiner_ckpt', 'vae_ckpt') if getattr(args, f)]
+        if given:
+            raise UserError(f'--random_weights builds every model with random weights; drop {given[0]}, or drop --random_weights '
+                            'to measure the files')
     for text in args.schedule:
-        parse_schedule(text, hub=not args.random_weights)
+        stages = parse_schedule(text, hub=not args.random_weights)
+        if args.random_weights and any(hub_depth(spec) is None for spec, _ in stages):
+            raise UserError(f'--schedule {text}: with --random_weights every model is a depth dNN, not a file')
+        if any(hub_depth(spec) == 0 for spec, _ in stages):
+            raise UserError(f'--schedule {text}: a depth must be >= 1')
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         raise UserError('--batch_sizes must be positive')
     if args.repeats < 1 or args.warmup < 0:
@@ -134,6 +148,7 @@ def build(args, device):
             schedules[mode] = code_schedule(model(drafter), model(refiner), int(mode))
         else:
             schedules[mode] = [Stage(model(spec), stop) for spec, stop in parse_schedule(mode, hub=not args.random_weights)]
+        check_agreement(schedules[mode], vae)
     return vae, schedules
 
 

@@ -9,7 +9,6 @@ Features come from the TensorFlow FID Inception-v3 as torch-fidelity ports it (i
 TF1-exact bilinear resize to 299). The metrics are printed and written to SAMPLE.metrics.json.
 """
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -20,9 +19,9 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from utils.cli import Parser, main_guard, runtime
+from utils.cli import Parser, check_writable, main_guard, runtime
 from utils.errors import UserError, one_line
-from utils.io import iter_npz_array, npz_array_header
+from utils.io import iter_npz_array, npz_array_header, save_json
 from utils.timing import progress
 
 SPLIT_SIZE = 5000     # Inception Score splits, in order
@@ -51,6 +50,8 @@ def parser():
 def inception_weights_path(local):
     """The Inception weights file: local, or torch-fidelity's release file in torch's hub cache."""
     if local:
+        if os.path.isdir(local):
+            raise UserError(f'--inception_weights {local} is a folder; give the weights file')
         if not os.path.isfile(local):
             raise UserError(f'--inception_weights: no such file {local}')
         return local
@@ -225,15 +226,24 @@ def reference_statistics(path):
         raise UserError(f'cannot read the statistics in {path} ({one_line(e)})') from None
 
 
+def metrics_path(sample_batch):
+    """SAMPLE.metrics.json beside the sample batch."""
+    return os.path.splitext(sample_batch)[0] + '.metrics.json'
+
+
 def main():
     args = parser().parse_args()
     # the other scripts' device checks and wording; fp32, so that CUDA runs with TF32 off
     device, _ = runtime(argparse.Namespace(device=args.device, dtype='fp32'))
     for path in (args.ref_batch, args.sample_batch):
+        if os.path.isdir(path):
+            raise UserError(f'{path} is a folder; give an .npz file')
         if not os.path.isfile(path):
             raise UserError(f'no such file: {path}')
     if args.batch_size < 1:
         raise UserError('--batch_size must be >= 1')
+    out = metrics_path(args.sample_batch)
+    check_writable(out, 'the metrics file')  # before minutes of Inception passes, not after
     ref_shape, sample_shape = check_images(args.ref_batch), check_images(args.sample_batch)
     if sample_shape is None:
         raise UserError(f'{args.sample_batch} has no arr_0')
@@ -268,10 +278,8 @@ def main():
                                                                    torch.from_numpy(sample_pool).to(device))
     for name, key in (('Inception Score', 'inception_score'), ('FID', 'fid'), ('sFID', 'sfid'), ('Precision', 'precision'), ('Recall', 'recall')):
         print(f'{name}: {results[key] if results[key] is not None else "n/a"}')
-    out = os.path.splitext(args.sample_batch)[0] + '.metrics.json'
-    with open(out, 'w') as f:
-        json.dump(dict(results, ref_batch=os.path.abspath(args.ref_batch), sample_batch=os.path.abspath(args.sample_batch),
-                       num_samples=int(sample_shape[0]), num_ref=None if ref_shape is None else int(ref_shape[0])), f, indent=1)
+    save_json(out, dict(results, ref_batch=os.path.abspath(args.ref_batch), sample_batch=os.path.abspath(args.sample_batch),
+                        num_samples=int(sample_shape[0]), num_ref=None if ref_shape is None else int(ref_shape[0])))
     print(f'metrics written to {out}')
 
 

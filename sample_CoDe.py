@@ -111,6 +111,12 @@ def create_workdir(folder, manifest):
         io.save_json(path, manifest)
 
 
+def remove_leftovers(folder, npz_path):
+    """The temporary files of a killed run: half-saved batches, manifest and npz (bytes freed)."""
+    return (io.remove_temporaries(os.path.join(folder, 'batches')) + io.remove_temporaries(folder, 'manifest.json')
+            + io.remove_temporaries(os.path.dirname(npz_path), os.path.basename(npz_path)))
+
+
 def batch_file(folder, name, kind):
     return os.path.join(folder, 'batches', f'{name}.{kind}.npy')
 
@@ -207,7 +213,7 @@ def check_disk(folder, remaining_images, total_images, save_png):
     need = (remaining_images * (2 if save_png else 1) + total_images) * IMAGE_BYTES * 1.02
     free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(folder)).free
     if free < need:
-        raise UserError(f'{folder}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed for the batches and the npz '
+        raise UserError(f'{folder}: {io.human_size(free)} free, {io.human_size(need)} needed for the batches and the npz '
                         f'({total_images} images of 256x256{", and their PNGs" if save_png else ""})')
 
 
@@ -253,6 +259,9 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     check_disk(folder, remaining, total, args.save_png)
     if rank == 0:
         create_workdir(folder, manifest)
+        freed = remove_leftovers(folder, npz_path)
+        if freed:
+            say(f'removed {io.human_size(freed)} of half-written files a killed run left in {folder}')
     distributed.barrier()
     say(f'{describe_schedule(schedule)}; {total} images ({len(args.classes)} classes x {args.images_per_class}), batch {args.batch_size}, '
         f'{world} process(es); {total - remaining} already done')
@@ -280,6 +289,9 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
         assemble(folder, args.classes, args.images_per_class, args.batch_size, npz_path)
         wall = time.perf_counter() - start
         say(f'done: {total} images ({sampled} sampled now) in {wall:.1f} s, {sampled / wall:.2f} images/s; {npz_path}')
+    # the processes leave together: a gloo process torn down while rank 0 still assembles was seen to abort
+    # at exit ('terminate called without an active exception') under load
+    distributed.barrier()
 
 
 if __name__ == '__main__':

@@ -194,3 +194,26 @@ def test_files_written_here_carry_the_official_derived_buffers():
     assert (mask[4, :5] == 0).all() and np.isneginf(mask[4, 5:]).all()   # position 4 is scale 1: sees scales 0-1
     assert (mask[679] == 0).all() and np.isneginf(mask[0, 1:]).all()
     assert torch.equal(sd['blocks.0.attn.zero_k_bias'], torch.zeros(64))
+
+
+def small_vae():  # every kind of tensor the VQVAE has (encoder, decoder, quantiser), two levels: hashed 300 times quickly
+    return tiny.apply_rule(VQVAE(vocab_size=4096, Cvae=32, ch=32, ch_mult=(1, 2)), tiny.VAE_SALT)
+
+
+@pytest.mark.parametrize('build', [tiny.tiny_drafter, tiny.tiny_refiner, small_vae], ids=['drafter', 'refiner', 'vae'])
+def test_one_changed_element_of_any_tensor_changes_the_digest(build):
+    """A resumed sample run trusts its batches only while the digest holds: every element of every tensor
+    of every model must count (its first, its last, the last tensor's too), not the names or shapes alone."""
+    from utils.checkpoints import tensor_digest
+    model = build()
+    original = tensor_digest(model)
+    digests = {original}
+    for name, t in model.state_dict().items():
+        for index in {0, t.numel() - 1}:
+            flat = t.view(-1)
+            old = flat[index].clone()
+            flat[index] = old + 1 if t.is_floating_point() else old ^ 1
+            digests.add(tensor_digest(model))
+            flat[index] = old
+    assert len(digests) == 1 + sum(min(2, t.numel()) for t in model.state_dict().values()), 'every change gave a new digest'
+    assert tensor_digest(model) == original

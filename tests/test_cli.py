@@ -327,7 +327,7 @@ def test_bad_schedules(checkpoints, tmp_path, capsys, monkeypatch):
         (f'{a}:6,{b}:8', 'the last model runs to the end'),
         (f'{a}:6,,{b}', 'empty entry'),
         (f'/no/such.pth:6,{b}', 'checkpoint not found: /no/such.pth'),
-        (f'{a}:6,{small_vocab}', 'has vocab_size 512'),
+        (f'{a}:6,{small_vocab}', 'the refiner (v512.pth) has vocab_size (tokens) 512'),
     ]
     for schedule, message in cases:
         assert message in user_error(infer_CoDe, ['--vae_ckpt', checkpoints['vae'], '--schedule', schedule], capsys), schedule

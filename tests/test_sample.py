@@ -263,7 +263,7 @@ def test_too_little_disk_is_refused_before_sampling(checkpoints, capsys, tmp_pat
     monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
     err = user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '0-9', '--save_png'], capsys)
     # 500 images, each in a batch file, a PNG (at most raw size) and the npz: 1500 x 256 x 256 x 3 bytes
-    assert f'{1500 * 256 * 256 * 3 / 1e9:.1f} GB needed' in err and '500 images' in err
+    assert '301 MB needed' in err and '500 images' in err  # 1500 x 256 x 256 x 3 bytes with a 2% margin: 300.8 MB
     assert not (tmp_path / 'run' / 'batches').exists()
 
 
@@ -286,3 +286,97 @@ def test_assembly_holds_few_files_open(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     saved = np.load(tmp_path / 'run.npz')
     assert saved['tokens'][:, 0].tolist() == classes and saved['arr_0'][199, 0, 0].tolist() == [199] * 3
+
+
+def test_a_batch_counts_as_done_only_once_its_tokens_are_saved(checkpoints, capsys, tmp_path, monkeypatch):
+    """The images file marks a batch done: it must come after the tokens, or a failed tokens save leaves a
+    batch a rerun trusts and whose tokens are missing from the npz."""
+    out = tmp_path / 'run'
+    one = ['--classes', '3', '--images_per_class', '1']
+    real_save = np.save
+
+    def no_tokens(f, array):  # the disk fills up while the tokens are saved
+        if array.ndim == 2:
+            raise OSError(28, 'No space left on device')
+        return real_save(f, array)
+    monkeypatch.setattr(np, 'save', no_tokens)
+    assert 'could not save batch 00000_00003' in user_error(sample_CoDe, local(checkpoints) + ['--output_path', str(out), *one], capsys)
+    assert sample_CoDe.done_batches(str(out)) == set() and not list((out / 'batches').iterdir())
+    monkeypatch.setattr(np, 'save', real_save)
+    assert '0 already done' in sample_here(checkpoints, out, *one)
+
+
+# Every flag of sample_CoDe.py, and what changing it on a rerun in the same DIR does: 'refused' (it changes
+# the samples, so the manifest keeps it), or 'accepted' (it does not). A flag added without a decision
+# here fails test_every_flag_has_a_resume_decision.
+OTHER = '{other}'  # a checkpoint of other weights (the middle model, or a VQVAE with other weights)
+RESUME = {
+    'draft_steps': ('refused', ['--draft_steps', '6']),
+    'seed': ('refused', ['--seed', '11']),
+    'cfg': ('refused', ['--cfg', '2.5']),
+    'top_k': ('refused', ['--top_k', '500']),
+    'top_p': ('refused', ['--top_p', '0.9']),
+    'temp': ('refused', ['--temp', '1.0']),
+    'more_smooth': ('refused', ['--more_smooth']),
+    'dtype': ('refused', ['--dtype', 'bf16']),
+    'device': ('refused', 'manifest device=cuda'),  # no GPU here: the first run is made to have been on one
+    'images_per_class': ('refused', ['--images_per_class', '2']),
+    'classes': ('refused', ['--classes', '3,7']),
+    'batch_size': ('refused', ['--batch_size', '1']),
+    'drafter_ckpt': ('refused', ['--drafter_ckpt', '{middle}']),
+    'refiner_ckpt': ('refused', ['--refiner_ckpt', '{middle}']),
+    'vae_ckpt': ('refused', ['--vae_ckpt', '{other_vae}']),
+    'schedule': ('refused', ['--schedule', '{drafter}:6,{refiner}']),
+    'drafter_depth': ('accepted', ['--drafter_depth', '2']),  # with a file it only checks the file's depth
+    'refiner_depth': ('accepted', ['--refiner_depth', '1']),
+    'training_free': ('accepted', ['--training_free']),  # it selects hub files; local files are what they are
+    'compile': ('accepted', ['--compile']),
+    'save_png': ('accepted', ['--save_png']),
+    'output_path': ('accepted', None),  # another DIR is another run
+    'help': ('accepted', None),
+}
+
+
+def test_every_flag_has_a_resume_decision():
+    flags = {a.dest for a in sample_CoDe.parser()._actions}
+    assert flags == set(RESUME), f'decide what a rerun with a changed flag does: {flags ^ set(RESUME)}'
+
+
+@pytest.fixture(scope='module')
+def other_vae(tmp_path_factory):
+    import tiny
+    path = tmp_path_factory.mktemp('other_vae') / 'vae.pth'
+    torch.save(tiny.official_state_dict(tiny.apply_rule(tiny.VQVAE(vocab_size=4096, Cvae=32, ch=32), 9)), path)
+    return str(path)
+
+
+def test_a_rerun_is_refused_exactly_when_a_flag_changes_the_samples(checkpoints, other_vae, batched, capsys, tmp_path):
+    done, _, _ = batched
+    run = tmp_path / 'run'
+    shutil.copytree(done, run)
+    shutil.copy(f'{done}.npz', f'{run}.npz')
+    manifest = run / 'manifest.json'
+    first = manifest.read_text()
+    paths = dict(checkpoints, other_vae=other_vae)
+    for flag, (decision, change) in RESUME.items():
+        models = ['--vae_ckpt', checkpoints['vae']] if flag == 'schedule' else local(checkpoints)  # a schedule replaces the pair
+        args = models + ['--output_path', str(run), *SETTINGS]
+        if change is None:
+            continue
+        if isinstance(change, str):  # 'manifest KEY=VALUE': the first run was made with that setting
+            key, value = change.split()[1].split('=')
+            manifest.write_text(json.dumps({**json.loads(first), key: value}))
+        else:
+            args += [a.format(**paths) for a in change]
+        if decision == 'refused':
+            assert 'holds a run with other settings' in user_error(sample_CoDe, args, capsys), flag
+        else:
+            capsys.readouterr()
+            run_main(sample_CoDe, args)
+            assert 'already done' in capsys.readouterr().out, flag
+        manifest.write_text(first)
+    # the same two models named as a schedule with the same stop are the same run
+    capsys.readouterr()
+    run_main(sample_CoDe, ['--schedule', f'{checkpoints["drafter"]}:8,{checkpoints["refiner"]}', '--vae_ckpt', checkpoints['vae'],
+                           '--output_path', str(run), *SETTINGS])
+    assert 'already done' in capsys.readouterr().out

@@ -53,6 +53,8 @@ def download(repo_id: str, filename: str, flag: str) -> str:
 
 def read_state_dict(path: str) -> dict:
     """Tensors of a checkpoint file, never unpickling code (weights_only=True)."""
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a folder; give the checkpoint file (.pth) itself')
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
     try:
@@ -265,20 +267,41 @@ def parse_schedule(text: str, num_scales: int = 10, hub: bool = True):
 
 
 def load_schedule(stages, device):
-    """The models of a parsed schedule as [(VAR, stop), ...]; a model named twice is loaded once.
-    All must share one vocabulary, latent width and list of scales (they hand token maps over)."""
+    """The models of a parsed schedule as [(VAR, stop), ...]; a model named twice is loaded once
+    (check_agreement then checks that they fit together)."""
     models = {}
     for spec, _ in stages:
         if spec not in models:
             depth = hub_depth(spec)
             models[spec] = load_var(spec if depth is None else var_path(None, depth, '--schedule'), device, '--schedule')
-    first = models[stages[0][0]]
-    for spec, model in models.items():
-        for key in ('vocab_size', 'Cvae', 'patch_nums', 'num_classes'):
-            if model.config[key] != first.config[key]:
-                raise UserError(f'--schedule: {spec} has {key} {model.config[key]}, {stages[0][0]} has {first.config[key]}; '
-                                f'the models of a schedule must agree')
     return [(models[spec], stop) for spec, stop in stages]
+
+
+# what a schedule's models and the VQVAE must share: they hand token maps (vocabulary, scales) and
+# VQVAE features (latent width) to each other, and every model embeds the same class labels
+AGREEMENT = (('vocab_size', 'vocab_size (tokens)'), ('Cvae', 'Cvae (latent width)'), ('patch_nums', 'patch_nums (scales)'),
+             ('num_classes', 'num_classes'))
+
+
+def model_name(model, role):
+    """'the refiner (refiner_8.pth)': a role and, for a loaded model, its file."""
+    path = getattr(model, 'source_file', None)
+    return f'{role} ({os.path.basename(path)})' if path else role
+
+
+def check_agreement(schedule, vae):
+    """Every model of the schedule against the first, and the first against the VQVAE, whichever flags
+    named them (--schedule or the drafter/refiner flags): one line naming the two that differ."""
+    roles = {1: ['the VAR'], 2: ['the drafter', 'the refiner']}.get(len(schedule)) or [f'stage {i + 1}' for i in range(len(schedule))]
+    first = schedule[0].model
+    pairs = [(stage.model, role, first, roles[0], AGREEMENT) for stage, role in zip(schedule[1:], roles[1:])]
+    pairs.append((first, roles[0], vae, 'the VQVAE', AGREEMENT[:3]))
+    for model, role, other, other_role, keys in pairs:
+        for key, what in keys:
+            if model.config[key] != other.config[key]:
+                why = 'the models of a schedule must agree' if other is first else 'a VAR must be trained on the VQVAE that decodes it'
+                raise UserError(f'{model_name(model, role)} has {what} {model.config[key]}, {model_name(other, other_role)} has '
+                                f'{other.config[key]}; {why}')
 
 
 def load_code_schedule(args, device):

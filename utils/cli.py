@@ -2,6 +2,7 @@
 import argparse
 import difflib
 import os
+import re
 import sys
 import tempfile
 
@@ -21,6 +22,16 @@ DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the usage too; one line is enough
         self.exit(2, f'{self.prog}: error: {message}\n')
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse takes '--box -10,0,20,20' for a flag without its value ('-10,...' looks like an
+        option); a value starting with a minus and a digit after a flag that takes one is that flag's."""
+        args = list(sys.argv[1:] if args is None else args)
+        takes_value = {o for a in self._actions if a.nargs is None for o in a.option_strings}
+        for i in range(len(args) - 1):
+            if args[i] in takes_value and re.match(r'-\.?\d', args[i + 1]):
+                args[i:i + 2] = [f'{args[i]}={args[i + 1]}', None]
+        return super().parse_known_args([a for a in args if a is not None], namespace)
 
 
 def main_guard(main):
@@ -66,6 +77,8 @@ def class_index(text):
     if exact:
         return exact[0]
     containing = [name for name in names if key in name.lower()]
+    if len(containing) == 1:  # 'golden' names one class: take it
+        return names.index(containing[0])
     if containing:
         raise argparse.ArgumentTypeError(f'class name {text!r} is ambiguous: {len(containing)} names contain it '
                                          f'({", ".join(containing[:6])}{", ..." if len(containing) > 6 else ""})')

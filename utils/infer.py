@@ -6,6 +6,7 @@ from models import generate
 from models.var import compile_steps
 
 from . import io, timing
+from .checkpoints import check_agreement
 from .cli import autocast, check_labels, check_top_k, check_writable, describe_classes, imagenet_classes
 from .errors import UserError
 
@@ -28,6 +29,7 @@ def save_outputs(path, tokens, labels, images, num_classes):
 
 def prepare(args, schedule, vae, labels, flag='--class_labels'):
     """The checks that need the loaded models, and --compile: what every sampling script does once."""
+    check_agreement(schedule, vae)  # then every model has the first's classes and the VQVAE's vocabulary
     check_labels(labels, schedule[0].model.num_classes, flag)
     check_top_k(args.top_k, vae.vocab_size)
     if args.compile:

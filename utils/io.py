@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -23,6 +24,27 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_temporaries(folder, name=None):
+    """Delete what atomic_path leaves behind when a process is killed mid-write (SIGKILL runs no clean-up):
+    NAME.{pid}.tmp in folder, or with name=None every *.{pid}.tmp there. Returns the bytes freed. Only for
+    a folder the caller's run owns, at a rerun's start, when no process of the run is writing."""
+    pattern = re.compile((re.escape(name) if name else '.+') + r'\.\d+\.tmp')
+    freed = 0
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        if entry.is_file() and pattern.fullmatch(entry.name):
+            freed += entry.stat().st_size
+            os.remove(entry.path)
+    return freed
+
+
+def human_size(nbytes):
+    """'9.8 GB', '340 MB', '12 kB': enough digits to tell a small disk from an empty one."""
+    for unit, size in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
+        if nbytes >= size:
+            return f'{nbytes / size:.1f} {unit}' if nbytes < 10 * size else f'{nbytes / size:.0f} {unit}'
+    return f'{nbytes:.0f} bytes'
 
 
 def save_json(path, obj):
@@ -64,6 +86,8 @@ def grid(images_BHW3, nrow=8):
 
 
 def check_image_path(path, flag):
+    if os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a folder; give a file name, e.g. {os.path.join(path, "grid.png")}')
     ext = os.path.splitext(path)[1].lower()
     if ext not in Image.registered_extensions():
         raise UserError(f'{flag} {path}: unknown image type {ext or "(no extension)"}; use .png')
@@ -154,6 +178,8 @@ def fit_square(img, size, resample):
 def load_image(path, size=256):
     """An image file as RGB uint8 (size, size, 3): shorter side resized to size (bicubic), centre crop.
     Also returns the file's own (width, height)."""
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a folder; give image files')
     try:
         with Image.open(path) as img:
             img = img.convert('RGB')
@@ -165,6 +191,8 @@ def load_image(path, size=256):
 def load_mask(path, image_sizes, size=256):
     """A mask image (white = regenerate) as bool (size, size). It must be size x size, or the size of
     every input image, in which case it is resized and cropped as they are."""
+    if os.path.isdir(path):
+        raise UserError(f'--mask {path} is a folder; give the mask image')
     try:
         with Image.open(path) as img:
             img = img.convert('L')
