@@ -88,6 +88,7 @@ def test_class_names_are_matched_whatever_their_case(checkpoints, tmp_path):
     from utils.cli import class_index
     assert class_index('labrador RETRIEVER') == 208 and class_index('german shepherd') == 235
     assert class_index('  Tabby ') == 281
+    assert class_index('IPOD') == 605, "the name itself, although 'tripod' contains it too"
     assert class_index('golden') == 207, 'a name that only one class contains is that class'
 
 
