@@ -391,7 +391,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_state(fil
     nonfinite.install(monkeypatch.setattr, {2, 3}, 0)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run_main(finetune_CoDe, small_run(files, tmp_path, '--save_every', 1, '--max_skips', 2))
+        run_main(finetune_CoDe, small_run(files, tmp_path, '--save_every', 1, '--max_skips', 2, '--draft_steps', 3))
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
     assert '2 steps in a row (2-3) had a non-finite loss or gradient' in err and f'{tmp_path / "state.pth"} (step 2)' in err
@@ -417,26 +417,41 @@ def test_non_finite_weights_are_never_saved(files, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(torch.optim.AdamW, 'step', step_then_nan)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run_main(finetune_CoDe, small_run(files, tmp_path, '--save_every', 1))
+        run_main(finetune_CoDe, small_run(files, tmp_path, '--save_every', 1, '--draft_steps', 3))
     err = capsys.readouterr().err
     assert e.value.code == 1 and 'not finite after step 1; not saved' in err and err.count('\n') == 1, err
     assert torch.load(tmp_path / 'state.pth', weights_only=True)['step'] == 1
 
 
 def test_fp16_scales_the_loss_and_resumes_with_its_scale(files, tmp_path, monkeypatch):
-    """fp16 autocast (allowed on the CPU here only: runtime() refuses it for users): the loss scale starts at
-    2^11, a non-finite step 0 halves it (1024), and a run stopped after step 1 resumes with that scale:
-    the weights and log of the uninterrupted run."""
+    """fp16 autocast (allowed on the CPU here only: runtime() refuses it for users), 3 scales: the loss scale
+    starts at 2^11 and the non-finite step 1 halves it (1024); the gradient is unscaled before it is
+    measured (step 0's norm is the fp32 run's); a run stopped after step 1 resumes with that scale and ends
+    with the weights and log of the uninterrupted run."""
+    fp16 = ['--dtype', 'fp16', '--draft_steps', '3', '--total_steps', '3']
+    run_main(finetune_CoDe, small_run(files, tmp_path / 'fp32', '--draft_steps', '3', '--total_steps', '1'))
     monkeypatch.setattr(finetune_CoDe, 'runtime', lambda args: (torch.device('cpu'), torch.float16))
-    nonfinite.install(monkeypatch.setattr, {0}, 0)
-    run_main(finetune_CoDe, small_run(files, tmp_path / 'a', '--dtype', 'fp16', '--total_steps', 3))
+    nonfinite.install(monkeypatch.setattr, {1}, 0)
+    run_main(finetune_CoDe, small_run(files, tmp_path / 'a', *fp16))
     log = read_log(tmp_path / 'a')
-    assert [e['loss_scale'] for e in log] == [1024, 1024, 1024] and log[0]['skipped'] and log[1]['loss'] > 0
-    run_main(finetune_CoDe, small_run(files, tmp_path / 'b', '--dtype', 'fp16', '--total_steps', 3, '--max_steps', 2))
+    assert [e['loss_scale'] for e in log] == [2048, 1024, 1024] and [e.get('skipped', False) for e in log] == [False, True, False]
+    assert log[0]['grad_norm'] == pytest.approx(read_log(tmp_path / 'fp32')[0]['grad_norm'], rel=0.02)
+    run_main(finetune_CoDe, small_run(files, tmp_path / 'b', *fp16, '--max_steps', 2))
     assert float(torch.load(tmp_path / 'b' / 'state.pth', weights_only=True)['scaler']['scale']) == 1024
-    run_main(finetune_CoDe, small_run(files, tmp_path / 'b', '--dtype', 'fp16', '--total_steps', 3))
+    run_main(finetune_CoDe, small_run(files, tmp_path / 'b', *fp16))
     assert_same_weights(read_state_dict(str(tmp_path / 'b' / 'weights.pth')), read_state_dict(str(tmp_path / 'a' / 'weights.pth')))
-    assert [e['loss_scale'] for e in read_log(tmp_path / 'b')] == [1024, 1024, 1024]
+    assert [e['loss_scale'] for e in read_log(tmp_path / 'b')] == [2048, 1024, 1024]
+
+
+def test_a_run_whose_every_step_was_skipped_saves_no_state(files, tmp_path, monkeypatch):
+    """Saving an optimizer that never stepped would give it a step of its own (torch.distributed.checkpoint
+    initialises it), and the rerun's Adam would count one step more than an uninterrupted run's."""
+    nonfinite.install(monkeypatch.setattr, {0}, 0)
+    run_main(finetune_CoDe, small_run(files, tmp_path / 'a', '--draft_steps', 3, '--total_steps', 2))
+    run_main(finetune_CoDe, small_run(files, tmp_path / 'b', '--draft_steps', 3, '--total_steps', 2, '--max_steps', 1))
+    assert not (tmp_path / 'b' / 'state.pth').exists()
+    run_main(finetune_CoDe, small_run(files, tmp_path / 'b', '--draft_steps', 3, '--total_steps', 2))
+    assert_same_weights(read_state_dict(str(tmp_path / 'b' / 'weights.pth')), read_state_dict(str(tmp_path / 'a' / 'weights.pth')))
 
 
 def test_a_cache_made_without_hflip_is_not_used_for_an_hflip_run(files, uninterrupted, tmp_path, capsys):

@@ -470,7 +470,10 @@ def run(args, rank, world, device, dtype):
                                f'skipped; stopped. ' + (f'The last good state is {state_path} (step {saved})' if saved else
                                                          'No state was saved yet'))
             pending = pending or (step + 1) % args.save_every == 0 or step + 1 == stop
-            if pending and (finite or step + 1 == stop):  # a state is saved after a clean step (or at the end)
+            # saved after a clean step (or at the end), and only once the optimizer has stepped: saving an empty
+            # optimizer makes torch.distributed.checkpoint initialise it with a step of its own, which a rerun
+            # would then count (before that, a rerun from step 0 redoes nothing but skipped steps)
+            if pending and (finite or step + 1 == stop) and optimizer.state:
                 if not all_finite(student, optimizer, world, device):
                     raise Diverged(f'the weights or optimizer state are not finite after step {step}; not saved. '
                                    + (f'The last good state is {state_path} (step {saved})' if saved else 'No state was saved yet'))
