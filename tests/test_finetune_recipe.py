@@ -101,6 +101,8 @@ def test_documented_defaults():
     assert (a.cond_drop, a.grad_clip, a.wd, a.wp0, a.sched, a.label_smooth) == (0.1, 2.0, 0.05, 0.005, 'lin0', 0.0)
     assert (a.crop, a.alpha, a.kd_temp, a.max_skips, a.batch_size, a.seed, a.total_steps, a.draft_steps) == \
         ('var', 0.5, 1.0, 20, 256, 0, 20000, 8)
+    assert (a.save_every, a.val_every, a.encode_batch_size, a.grad_accum, a.max_steps, a.hflip, a.fsdp) == \
+        (1000, 1000, 64, 1, None, False, False)
     assert (a.blr, a.wpe, a.wd_end, a.drop_path, a.warmup) == (None,) * 5, 'by depth and --total_steps'
 
 
@@ -195,13 +197,13 @@ def var_crop_files(tmp_path_factory, checkpoints):
 
 def var_crop_run(paths, out, *extra):
     return ['--role', 'drafter', '--draft_steps', '4', '--student_ckpt', paths['drafter'], '--vae_ckpt', paths['vae'],
-            '--data', paths['data'], '--output_dir', str(out), '--device', 'cpu', '--batch_size', '1', '--total_steps', '2',
+            '--data', paths['data'], '--output_dir', str(out), '--device', 'cpu', '--batch_size', '1', '--total_steps', '3',
             '--workers', '0', '--drop_path', '0.3', *[str(a) for a in extra]]
 
 
 def test_var_crops_resume_exactly_and_the_class_indices_are_imagenets(var_crop_files, tmp_path):
-    """--crop var (the default), images encoded each step: a run stopped after step 0 and resumed (with decoding
-    workers this time) ends with the uninterrupted run's weights; folders n01440764 and n15075141 are
+    """--crop var (the default), images encoded each step: a run stopped after step 0 and resumed (with two
+    decoding workers this time, taking steps 1 and 2 in turn) ends with the uninterrupted run's weights; folders n01440764 and n15075141 are
     classes 0 and 999 (written to classes.json)."""
     run_main(finetune_CoDe, var_crop_run(var_crop_files, tmp_path / 'a'))
     run_main(finetune_CoDe, var_crop_run(var_crop_files, tmp_path / 'b', '--max_steps', 1))
