@@ -39,7 +39,8 @@ SYNSET = re.compile(r'n\d{8}')
 
 def imagenet_synsets():
     """ImageNet-1k's 1,000 WordNet ids, sorted: position = the standard class index (torchvision's
-    order). The file is timm 1.0.31's timm/data/_info/imagenet_synsets.txt, unchanged."""
+    order). The file is timm 1.0.31's timm/data/_info/imagenet_synsets.txt (PyPI wheel), unchanged: sha256
+    70002b0ff5de60a3a17a82dbfcff291931f96225ddf941ad2e182fc39e183d15."""
     with open(os.path.join(os.path.dirname(__file__), 'imagenet_synsets.txt')) as f:
         return f.read().split()
 
@@ -202,6 +203,11 @@ def _columns(items):
 
 # ----------------------------------------------------------------------------- the token cache
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def shard_starts(files):
     """Where each shard begins: after a file whose name hashes to 0 modulo SHARD_MEAN (or after SHARD_MAX
     files), so the boundaries move only where the files do."""
@@ -250,7 +256,7 @@ def token_cache(cache_dir, root, files, vae, vae_id, mode, hflip, rank=0, world=
         os.makedirs(shard_dir, exist_ok=True)
         save_json(meta_path, meta)
     distributed.barrier()
-    current = os.path.exists(final) and os.path.exists(index_path) and json.load(open(index_path)) == keys
+    current = os.path.exists(final) and os.path.exists(index_path) and read_json(index_path) == keys
     if not current:
         todo = [i for i, k in enumerate(keys) if not os.path.exists(os.path.join(shard_dir, f'{k}.npy'))]
         distributed.barrier()  # every process has listed the shards before any writes one

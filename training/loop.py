@@ -369,8 +369,9 @@ def run(args, rank, world, device, dtype):
     positions = role_positions(args.role, args.draft_steps, student.begin_ends)
     views = 2 if args.hflip else 1
     cache_dir = os.path.abspath(args.token_cache) if args.token_cache else os.path.join(folder, 'token_cache')
-    cache = lambda d, root, names, mode, hflip: token_cache(d, root, names, vae, settings['vae'], mode, hflip, rank, world,
-                                                            args.encode_batch_size, args.workers)
+
+    def cache(where, root, names, mode, hflip):  # the VQVAE's content names it: a cache outlives where its file lay
+        return token_cache(where, root, names, vae, settings['vae'], mode, hflip, rank, world, args.encode_batch_size, args.workers)
     tokens = None if args.crop == 'var' else cache(cache_dir, args.data, files, args.crop, args.hflip)
     val = None
     if val_files:  # VAR validates on the centre crop
@@ -388,7 +389,9 @@ def run(args, rank, world, device, dtype):
     stop = args.total_steps if args.max_steps is None else min(args.max_steps, args.total_steps)
     labels = np.repeat(file_labels, views)
     share = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
-    stream = lambda first: crop_stream(args.data, files, views, args.batch_size, share, args.seed, first, args.workers)
+
+    def stream(first):
+        return crop_stream(args.data, files, views, args.batch_size, share, args.seed, first, args.workers)
     batches = Batches(tokens, labels, student.num_classes, vae, args, rank, world, device, stream)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     micro = args.batch_size // world // args.grad_accum
