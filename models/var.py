@@ -134,12 +134,15 @@ class Block(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
         return (gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2), self.attn.constants()
 
-    def forward(self, x, constants, cache, i, begin, end):
+    def forward(self, x, constants, cache, i, begin, end, keep=None):
+        """keep: training's drop path, (2, B) per-sample factors of the two residual branches (0: dropped)."""
         if isinstance(constants, torch.Tensor):  # training passes the class embedding: made here, where FSDP2 has gathered this block
             constants = self.constants(constants)
         (gamma1, gamma2, scale1, scale2, shift1, shift2), attn_constants = constants
-        x = x + self.attn(self.ln(x).mul(scale1).add_(shift1), attn_constants, cache, i, begin, end).mul_(gamma1)
-        return x + self.ffn(self.ln(x).mul(scale2).add_(shift2)).mul(gamma2)
+        a = self.attn(self.ln(x).mul(scale1).add_(shift1), attn_constants, cache, i, begin, end).mul_(gamma1)
+        x = x + (a if keep is None else a * keep[0].to(a.dtype).view(-1, 1, 1))
+        f = self.ffn(self.ln(x).mul(scale2).add_(shift2)).mul(gamma2)
+        return x + (f if keep is None else f * keep[1].to(f.dtype).view(-1, 1, 1))
 
 
 class HeadNorm(nn.Module):
@@ -221,13 +224,14 @@ class VAR(nn.Module):
         """(end,) the scale of each position 0..end-1."""
         return torch.cat([torch.full((e - b,), si) for si, (b, e) in enumerate(self.begin_ends)])[:end]
 
-    def forward(self, labels_B, inputs_BLCvae, num_scales=None, head_begin=0, grad_ckpt=False):
+    def forward(self, labels_B, inputs_BLCvae, num_scales=None, head_begin=0, grad_ckpt=False, keep=None):
         """Teacher forcing: the class-conditional logits (B, l - head_begin, V) of positions
         head_begin..l-1, l the positions of the first num_scales scales (default all), from the
         labels and the VQVAE inputs of scales 1.. (B, >= l - 1, Cvae; see
         MultiScaleQuantizer.teacher_inputs). One pass over all l positions through the blocks and
         head sampling uses; no guidance half, so a "no class" row is simply the label num_classes.
-        head_begin spares the head (B x positions x 4096 logits) the positions a loss ignores."""
+        head_begin spares the head (B x positions x 4096 logits) the positions a loss ignores. keep
+        (depth, 2, B): drop path (stochastic depth) as VAR trains, applied in train mode only."""
         num_scales = num_scales or len(self.patch_nums)
         end = self.begin_ends[num_scales - 1][1]
         first = self.begin_ends[0][1]
@@ -238,11 +242,12 @@ class VAR(nn.Module):
             rest = rest + torch.cat([self.level_position(si) for si in range(1, num_scales)], dim=1)
         x = torch.cat((self.start(cond_BD), rest), dim=1)
         mask = BlockCausal(self.scale_index(end).to(x.device))
+        keep = keep if self.training and keep is not None else [None] * self.depth
         for i, block in enumerate(self.blocks):
             if grad_ckpt:  # keep only each block's input; recompute the inside during backward
-                x = torch.utils.checkpoint.checkpoint(block, x, cond_BD, mask, i, 0, end, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cond_BD, mask, i, 0, end, keep[i], use_reentrant=False)
             else:
-                x = block(x, cond_BD, mask, i, 0, end)
+                x = block(x, cond_BD, mask, i, 0, end, keep[i])
         return self.head_logits(x[:, head_begin:], self.head_nm.modulation(cond_BD))
 
     def new_cache(self, batch2, num_scales, dtype, device) -> KVCache:
