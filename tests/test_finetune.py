@@ -306,9 +306,14 @@ def test_a_killed_run_loses_at_most_the_unsaved_steps(files, uninterrupted, tmp_
     proc.wait()
     saved = torch.load(tmp_path / 'state.pth', weights_only=True)['step']
     assert 1 <= saved < 5 and not (tmp_path / 'weights.pth').exists(), 'killed part-way, with a state saved'
+    dead = 2 ** 30  # what a kill in the middle of a save leaves (pid above any pid_max: that process is gone)
+    half = [tmp_path / f'state.pth.{dead}.tmp', tmp_path / f'log.jsonl.{dead}.tmp', root / 'cache' / 'shards' / f'x.npy.{dead}.tmp']
+    for path in half + [tmp_path / f'notes.{dead}.tmp']:
+        path.write_bytes(b'half')
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     assert f'(resumed at {saved})' in r.stdout
+    assert not any(p.exists() for p in half) and (tmp_path / f'notes.{dead}.tmp').exists(), 'the run\'s own leftovers, only'
     assert [e['step'] for e in read_log(tmp_path)] == list(range(5))
     assert_same_weights(read_state_dict(str(tmp_path / 'weights.pth')), weights)
 

@@ -147,11 +147,13 @@ def test_a_rerun_removes_the_half_written_files_a_killed_run_left(checkpoints, t
     out = tmp_path / 'run'
     args = code_flags(checkpoints, checkpoints['refiner']) + ['--output_path', str(out), '--classes', '3', '--images_per_class', '1']
     os.makedirs(out / 'batches')
-    leftovers = [out / 'batches' / '00000_00003.images.npy.4242.tmp', out / 'batches' / '00000_00003.tokens.npy.77.tmp',
-                 out / 'manifest.json.4242.tmp', tmp_path / 'run.npz.4242.tmp']
+    dead = 2 ** 30  # above any pid_max: the process that wrote these is gone
+    leftovers = [out / 'batches' / f'00000_00003.images.npy.{dead}.tmp', out / 'batches' / f'00000_00003.tokens.npy.{dead + 1}.tmp',
+                 out / f'manifest.json.{dead}.tmp', tmp_path / f'run.npz.{dead}.tmp']
     for path in leftovers:
         path.write_bytes(b'x' * 1000)
-    others = [out / 'batches' / 'notes.txt', tmp_path / 'other.npz.4242.tmp', out / 'batches' / 'mine.tmp']
+    others = [out / 'batches' / 'notes.txt', tmp_path / f'other.npz.{dead}.tmp', out / 'batches' / 'mine.tmp',
+              out / 'batches' / f'00000_00005.images.npy.{os.getpid()}.tmp']  # a live process's write is left alone
     for path in others:
         path.write_bytes(b'keep')
     capsys.readouterr()

@@ -26,7 +26,7 @@ from PIL import Image
 
 from utils import distributed, timing
 from utils.errors import UserError, one_line
-from utils.io import atomic_path, check_same_settings, save_json
+from utils.io import atomic_path, check_same_settings, remove_temporaries, save_json
 
 # torchvision's ImageFolder extensions
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -254,6 +254,8 @@ def token_cache(cache_dir, root, files, vae, vae_id, mode, hflip, rank=0, world=
     bounds = list(zip(starts, starts[1:] + [len(files)]))
     if rank == 0:
         os.makedirs(shard_dir, exist_ok=True)
+        for folder, name in ((shard_dir, None), (cache_dir, 'meta.json'), (cache_dir, 'tokens.npy'), (cache_dir, 'index.json')):
+            remove_temporaries(folder, name)  # a killed encoder's half-written shards and files
         save_json(meta_path, meta)
     distributed.barrier()
     current = os.path.exists(final) and os.path.exists(index_path) and read_json(index_path) == keys

@@ -22,7 +22,7 @@ from utils import distributed, timing
 from utils.checkpoints import load_vae, load_var, save_var, var_path, vae_path, weights_digest
 from utils.cli import check_folder_writable
 from utils.errors import UserError
-from utils.io import atomic_path, check_same_settings, save_json
+from utils.io import atomic_path, check_same_settings, remove_temporaries, save_json
 
 from .data import (CROPS, batch_rows, class_indices, crop_stream, encode, read_class_map, scan_image_folder,
                    token_cache)
@@ -38,6 +38,9 @@ HUB_STUDENT = {'drafter': 30, 'refiner': 16, 'all': 16}
 HUB_TEACHER = {'drafter': None, 'refiner': 30, 'all': 30}
 # clip_grad_norm_ under its own name here, so that a test can put a non-finite gradient in front of it
 clip_grad_norm = torch.nn.utils.clip_grad_norm_
+
+# the files a run writes in OUTPUT_DIR, each by write-then-rename
+OUTPUT_FILES = ('state.pth', 'weights.pth', 'log.jsonl', 'settings.json', 'classes.json')
 
 
 class Diverged(Exception):
@@ -361,6 +364,8 @@ def run(args, rank, world, device, dtype):
     folder = os.path.abspath(args.output_dir)
     if rank == 0:
         prepare_output(folder)
+        for name in OUTPUT_FILES:  # what a killed run of this folder left half-written
+            remove_temporaries(folder, name)
     distributed.barrier()
     student, teacher, vae, files, file_labels, classes, val_files, settings = prepare(args, device)
     resuming = check_settings(folder, settings)

@@ -28,15 +28,26 @@ def atomic_path(path):
 
 def remove_temporaries(folder, name=None):
     """Delete what atomic_path leaves behind when a process is killed mid-write (SIGKILL runs no clean-up):
-    NAME.{pid}.tmp in folder, or with name=None every *.{pid}.tmp there. Returns the bytes freed. Only for
-    a folder the caller's run owns, at a rerun's start, when no process of the run is writing."""
-    pattern = re.compile((re.escape(name) if name else '.+') + r'\.\d+\.tmp')
+    NAME.{pid}.tmp in folder, or with name=None every *.{pid}.tmp there, unless that process is still
+    alive on this machine (another run sharing the folder may be writing). Returns the bytes freed."""
+    pattern = re.compile((re.escape(name) if name else '.+') + r'\.(\d+)\.tmp')
     freed = 0
     for entry in os.scandir(folder) if os.path.isdir(folder) else ():
-        if entry.is_file() and pattern.fullmatch(entry.name):
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_file() and not process_alive(int(match.group(1))):
             freed += entry.stat().st_size
             os.remove(entry.path)
     return freed
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def human_size(nbytes):
