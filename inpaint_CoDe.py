@@ -67,11 +67,11 @@ def finish_region(region, invert):
     return region
 
 
-def inpaint(schedule, vae, images, region, labels, args, device, dtype):
+def inpaint(schedule, vae, images, region, labels, args, device, dtype, flag='--class_labels'):
     """What inpaint_CoDe.py (and demo_CoDe.py's Edit tab) does with loaded models: images uint8 (B, 256, 256, 3),
     region bool (256, 256) True where sampled, one label each. Returns tokens (B, 680), the masked inputs and
     the results (uint8 (B, 256, 256, 3)), and the milliseconds of the sampling and of the decode."""
-    prepare(args, schedule, vae, labels)
+    prepare(args, schedule, vae, labels, flag)
     x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
     regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)
     with torch.inference_mode():
