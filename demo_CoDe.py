@@ -36,6 +36,8 @@ from utils.errors import UserError, one_line
 from utils.infer import prepare, sample, write_outputs
 
 VAR_ALONE = 10  # the draft-steps value that runs the drafter over all scales: plain VAR
+# galleries as tall as their images (Gradio's default keeps 450 px, which leaves most of it blank for a few images)
+CSS = '#code-gallery .grid-wrap, #var-gallery .grid-wrap {min-height: 0; max-height: none}'
 
 
 def parser():
@@ -150,6 +152,7 @@ class Demo:
         timing.reset_peak_memory(self.device)
         tokens, images, sample_ms, decode_ms = sample(schedule, self.vae, labels, a, self.device, self.dtype)
         mib, kind = timing.peak_memory(self.device)
+        kind += ', since the app started' if self.device.type == 'cpu' else ''  # the peak RSS cannot be reset
         images = io.to_uint8(images.float())
         files = [os.path.join(folder, f'{name}.png'), os.path.join(folder, f'{name}.npz')]
         write_outputs(*files, tokens, labels, images, self.num_classes)
@@ -259,7 +262,7 @@ class Demo:
 
         def results(prefix):
             with gr.Column(scale=2, min_width=320) as column:
-                gallery = gr.Gallery(label=prefix, columns=2, format='png', height='auto', elem_id=f'{prefix.lower()}-gallery')
+                gallery = gr.Gallery(label=prefix, columns=2, format='png', elem_id=f'{prefix.lower()}-gallery')
                 stats = gr.Markdown(elem_id=f'{prefix.lower()}-stats', padding=True)
                 with gr.Row():
                     buttons = downloads(prefix)
@@ -281,7 +284,7 @@ class Demo:
                     var_column, var_outputs = results('VAR')
                 compare.change(lambda on: gr.Column(visible=on), compare, var_column, queue=False, api_visibility='private')
                 go.click(self.in_page(self.generate), [classes, controls[0], compare, *controls[1:]], code_outputs + var_outputs,
-                         api_name='generate', concurrency_id='models')
+                         api_name='generate', concurrency_id='models', show_progress_on=[code_outputs[0], var_outputs[0]])
             with gr.Tab('Edit'):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=280):
@@ -293,7 +296,7 @@ class Demo:
                         cls = gr.Dropdown(self.choices, value=start[0], allow_custom_value=True, label='class of the new content')
                         invert = gr.Checkbox(False, label='outpaint: regenerate outside the painted region')
                         edit_controls = self.sampling_controls()
-                        go_edit = gr.Button('Edit', variant='primary')
+                        go_edit = gr.Button('Regenerate', variant='primary')
                     with gr.Column(scale=4):
                         with gr.Row():
                             shown = [gr.Image(label=label, format='png', interactive=False, elem_id=f'edit-{i}', min_width=200,
@@ -303,7 +306,7 @@ class Demo:
                         with gr.Row():
                             edit_buttons = downloads('')
                 go_edit.click(self.in_page(self.edit), [editor, cls, invert, *edit_controls], [*shown, edit_stats, *edit_buttons],
-                              api_name='edit', concurrency_id='models')
+                              api_name='edit', concurrency_id='models', show_progress_on=shown[2])
         return page.queue(default_concurrency_limit=1)
 
 
@@ -335,7 +338,7 @@ def launch(args, block=True):
     check_port(args.host, args.port)
     page = Demo(args).page()
     _, local_url, share_url = page.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
-                                          show_error=True, ssr_mode=False, footer_links=['api'], quiet=True)
+                                          show_error=True, ssr_mode=False, footer_links=['api'], quiet=True, css=CSS)
     print(f'serving on {local_url}{f" and {share_url}" if share_url else ""} (Ctrl-C stops)', flush=True)
     if block:
         page.block_thread()
