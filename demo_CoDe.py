@@ -288,9 +288,9 @@ class Demo:
             with gr.Tab('Edit'):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=280):
-                        editor = image_editor()(type='pil', image_mode='RGBA', sources=('upload', 'clipboard'), format='png',
-                                                layers=False, transforms=(), brush=gr.Brush(colors=['#ff00ff'], color_mode='fixed'),
-                                                label='image', elem_id='editor')
+                        editor = readable_only(gr.ImageEditor(
+                            type='pil', image_mode='RGBA', sources=('upload', 'clipboard'), format='png', layers=False, transforms=(),
+                            brush=gr.Brush(colors=['#ff00ff'], color_mode='fixed'), label='image', elem_id='editor'))
                         gr.Markdown('Paint the region to regenerate. The image is resized (shorter side 256) and centre-cropped, '
                                     'as inpaint_CoDe.py does.')
                         cls = gr.Dropdown(self.choices, value=start[0], allow_custom_value=True, label='class of the new content')
@@ -310,22 +310,21 @@ class Demo:
         return page.queue(default_concurrency_limit=1)
 
 
-def image_editor():
-    """Gradio's image editor, where an upload that cannot be decoded gets the scripts' one-line message
-    instead of Gradio's report for developers (decoding happens before the button's function runs)."""
+def readable_only(editor):
+    """Gradio decodes an upload before the button's function runs: an image it cannot decode gets the
+    scripts' one-line message instead of Gradio's report for developers. (Wrapped on the instance: a
+    subclass of a Gradio component makes Gradio write a .pyi file beside this script.)"""
     import gradio as gr
+    decode = editor.preprocess
 
-    class ImageEditor(gr.ImageEditor):
-        def get_block_name(self):  # the same page element as gr.ImageEditor
-            return 'imageeditor'
-
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                name = getattr(getattr(payload, 'background', None), 'orig_name', None) or 'the upload'
-                raise gr.Error(f'cannot read image {name} ({one_line(e)})', print_exception=False) from None
-    return ImageEditor
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            name = getattr(getattr(payload, 'background', None), 'orig_name', None) or 'the upload'
+            raise gr.Error(f'cannot read image {name} ({one_line(e)})', print_exception=False) from None
+    editor.preprocess = preprocess
+    return editor
 
 
 def launch(args, block=True):

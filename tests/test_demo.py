@@ -16,7 +16,7 @@ import demo_CoDe
 import infer_CoDe
 import infer_original
 import inpaint_CoDe
-from conftest import run_main, user_error
+from conftest import ROOT, run_main, user_error
 from utils.cli import CODE_TEMP
 
 # .ci/run sets CODE_VAR_CI=1: there a missing gradio or Chromium fails the suite instead of skipping
@@ -53,12 +53,13 @@ def local(checkpoints):
 
 @pytest.fixture(scope='module')
 def app(checkpoints, tmp_path_factory):
-    port = free_port()
+    port, checkout = free_port(), sorted(os.listdir(ROOT))
     page = demo_CoDe.launch(demo_CoDe.parser().parse_args(local(checkpoints) + ['--port', str(port)]), block=False)
     url = f'http://127.0.0.1:{port}/'
     client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path_factory.mktemp('downloads')))
     yield SimpleNamespace(url=url, port=port, client=client)
     page.close()
+    assert sorted(os.listdir(ROOT)) == checkout, 'the demo wrote into the checkout'
 
 
 def generate(app, classes, steps=8, compare=False, seed=42, cfg=4.0, top_k='600', top_p=0.95, temp=CODE_TEMP, more_smooth=False):
