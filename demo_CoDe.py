@@ -176,7 +176,7 @@ class Demo:
         if not editor or editor.get('background') is None:
             raise UserError('upload an image first')
         background = editor['background']
-        image = io.square_image(background, SIZE)  # as inpaint_CoDe.py takes an image file, once decoded
+        images = np.stack([io.square_image(background, SIZE)])  # as inpaint_CoDe.py takes image files, once decoded
         painted = np.zeros(background.size[::-1], dtype=np.uint8)
         for layer in editor.get('layers') or []:  # brush strokes: opaque where painted
             if layer.size != background.size:
@@ -189,15 +189,15 @@ class Demo:
             raise UserError(f'one class for the image, got {len(labels)}')
         a = self.settings(steps, seed, cfg, top_k, top_p, temp, more_smooth)
         schedule = self.code(a)
-        tokens, masked, result, sample_ms, decode_ms = inpaint(schedule, self.vae, image[None], region, labels, a, self.device,
-                                                               self.dtype, 'class')
+        tokens, masked, result, sample_ms, decode_ms = inpaint(schedule, self.vae, images, region, labels, a, self.device, self.dtype,
+                                                               'class')
         folder = self.folder()
         files = [os.path.join(folder, 'edit.png'), os.path.join(folder, 'edit.npz')]
-        write_edit_outputs(*files, image[None], masked, result, tokens, labels, self.num_classes)
+        write_edit_outputs(*files, images, masked, result, tokens, labels, self.num_classes)
         what = 'outpainted around' if invert else 'regenerated'
         stats = (f'**{describe_schedule(schedule)}**  \n{what} the painted region ({region.mean():.0%} of the image) as '
                  f'{self.choices[labels[0]]}  \nsampling {sample_ms:.0f} ms, VQVAE decode {decode_ms:.0f} ms')
-        return image, masked[0], result[0], stats, *files
+        return images[0], masked[0], result[0], stats, *files
 
     def in_page(self, fn):
         """fn run on the model thread; bad input becomes a message in the page (gr.Error), never a
@@ -261,12 +261,12 @@ class Demo:
             return [gr.DownloadButton(f'{prefix} {what}'.strip(), size='sm') for what in ('grid PNG', 'npz (tokens, labels, images)')]
 
         def results(prefix):
-            with gr.Column(scale=2, min_width=320) as column:
-                gallery = gr.Gallery(label=prefix, columns=2, format='png', elem_id=f'{prefix.lower()}-gallery')
-                stats = gr.Markdown(elem_id=f'{prefix.lower()}-stats', padding=True)
+            with gr.Column(scale=2, min_width=320):
+                gallery = gr.Gallery(label=prefix, columns=2, fit_columns=False, format='png', elem_id=f'{prefix.lower()}-gallery')
+                stats = gr.Markdown(label=f'{prefix} times and memory', elem_id=f'{prefix.lower()}-stats', padding=True)
                 with gr.Row():
                     buttons = downloads(prefix)
-            return column, [gallery, stats, *buttons]
+            return [gallery, stats, *buttons]
 
         # delete_cache: the server's copies of the downloads, hourly, once an hour old
         with gr.Blocks(title='CoDe demo', analytics_enabled=False, delete_cache=(3600, 3600)) as page:
@@ -280,9 +280,7 @@ class Demo:
                         controls = self.sampling_controls()
                         compare = gr.Checkbox(True, label='compare with VAR (same seed)')
                         go = gr.Button('Generate', variant='primary')
-                    _, code_outputs = results('CoDe')
-                    var_column, var_outputs = results('VAR')
-                compare.change(lambda on: gr.Column(visible=on), compare, var_column, queue=False, api_visibility='private')
+                    code_outputs, var_outputs = results('CoDe'), results('VAR')  # VAR's stay empty when not compared
                 go.click(self.in_page(self.generate), [classes, controls[0], compare, *controls[1:]], code_outputs + var_outputs,
                          api_name='generate', concurrency_id='models', show_progress_on=[code_outputs[0], var_outputs[0]])
             with gr.Tab('Edit'):
@@ -302,7 +300,7 @@ class Demo:
                             shown = [gr.Image(label=label, format='png', interactive=False, elem_id=f'edit-{i}', min_width=200,
                                               buttons=['download', 'fullscreen'])
                                      for i, label in enumerate(('input (256x256)', 'masked input', 'result'))]
-                        edit_stats = gr.Markdown(elem_id='edit-stats', padding=True)
+                        edit_stats = gr.Markdown(label='times', elem_id='edit-stats', padding=True)
                         with gr.Row():
                             edit_buttons = downloads('')
                 go_edit.click(self.in_page(self.edit), [editor, cls, invert, *edit_controls], [*shown, edit_stats, *edit_buttons],
