@@ -114,8 +114,8 @@ class Demo:
     def settings(self, steps, seed, cfg, top_k, top_p, temp, more_smooth):
         """The request's copy of the command-line settings, with check_sampling's checks and messages."""
         a = copy.copy(self.args)
-        if seed is None or cfg is None or top_p is None:
-            raise UserError('seed, cfg and top_p need a value')
+        if seed is None or cfg is None or top_p is None or (self.pair and steps is None):
+            raise UserError('draft steps, seed, cfg and top_p need a value')
         try:
             a.top_k, a.temp = comma_list(int, '--top_k')(str(top_k)), comma_list(float, '--temp')(str(temp))
         except argparse.ArgumentTypeError as e:
