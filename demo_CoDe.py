@@ -79,6 +79,7 @@ class Demo:
         self.schedule = load_code_schedule(args, self.device)
         self.vae = load_vae(vae_path(args.vae_ckpt), self.device)
         self.drafter = self.schedule[0].model
+        prepare(args, self.schedule, self.vae, [0])  # the checks that need the models (and --compile), once before serving
         # the page's N applies to a drafter/refiner pair; a --schedule is sampled as given
         self.pair = None if args.schedule else (self.drafter, self.schedule[-1].model)
         self.num_classes = self.drafter.num_classes

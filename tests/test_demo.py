@@ -18,6 +18,7 @@ import infer_original
 import inpaint_CoDe
 from conftest import ROOT, run_main, user_error
 from utils.cli import CODE_TEMP
+from utils.errors import UserError
 
 # .ci/run sets CODE_VAR_CI=1: there a missing gradio or Chromium fails the suite instead of skipping
 IN_CI = os.environ.get('CODE_VAR_CI') == '1'
@@ -212,6 +213,9 @@ def test_requests_take_the_models_one_at_a_time_in_order(app):
 def test_a_busy_port_or_a_bad_flag_is_one_line_before_any_model_loads(app, checkpoints, capsys):
     assert f'cannot serve on 127.0.0.1:{app.port}' in user_error(demo_CoDe, local(checkpoints) + ['--port', str(app.port)], capsys)
     assert '--top_p must be in [0, 1]' in user_error(demo_CoDe, ['--top_p', '2', '--port', str(free_port())], capsys)
+    # and what needs the models is checked once they are loaded, before the page is served
+    with pytest.raises(UserError, match='--top_k 5000 exceeds the vocabulary size 4096'):
+        demo_CoDe.Demo(demo_CoDe.parser().parse_args(local(checkpoints) + ['--top_k', '5000']))
 
 
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
