@@ -24,18 +24,18 @@ from utils.errors import UserError
 IN_CI = os.environ.get('CODE_VAR_CI') == '1'
 
 
-def require(ok, why):
+def require(ok, why, module=False):
     if not ok:
         if IN_CI:
-            pytest.fail(f'{why} (CODE_VAR_CI=1: .ci/run should have installed it)')
-        pytest.skip(why)
+            pytest.fail(f'{why} (CODE_VAR_CI=1: .ci/run should have installed it)', pytrace=False)
+        pytest.skip(why, allow_module_level=module)
 
 
 try:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 except ImportError:
-    require(False, 'gradio is not installed (pip install -r requirements.txt)')
+    require(False, 'gradio is not installed (pip install -r requirements.txt)', module=True)
 
 GOLDEN_LABELS = [992, 483, 970, 609]
 # Gradio 6's queue calls pandas options that pandas 3 deprecates: its warnings, not this code's
