@@ -15,14 +15,13 @@ region to regenerate greyed out, and the result.
 import numpy as np
 import torch
 
-from models import generate
 from models.sampling import known_region
 from utils import io
 from utils.checkpoints import load_code_schedule, load_vae, vae_path
-from utils.cli import (CODE_TEMP, REQUIRED, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast,
-                       check_sampling, check_writable, comma_list, describe_classes, main_guard, runtime)
+from utils.cli import (CODE_TEMP, REQUIRED, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, check_sampling,
+                       check_writable, comma_list, describe_classes, main_guard, runtime)
 from utils.errors import UserError
-from utils.infer import prepare, save_outputs
+from utils.infer import prepare, sample, save_outputs
 
 SIZE = 256
 
@@ -57,10 +56,36 @@ def regenerate_region(args, image_sizes):
         region[y0:y1, x0:x1] = True
     else:
         region = io.load_mask(args.mask, image_sizes, SIZE)
-    region = ~region if args.invert else region
+    return finish_region(region, args.invert)
+
+
+def finish_region(region, invert):
+    """The region to regenerate, inverted for outpainting; neither empty nor the whole image."""
+    region = ~region if invert else region
     if not region.any() or region.all():
         raise UserError('the region to regenerate is empty' if not region.any() else 'the region to regenerate is the whole image')
     return region
+
+
+def inpaint(schedule, vae, images, region, labels, args, device, dtype, flag='--class_labels'):
+    """What inpaint_CoDe.py (and demo_CoDe.py's Edit tab) does with loaded models: images uint8 (B, 256, 256, 3),
+    region bool (256, 256) True where sampled, one label each. Returns tokens (B, 680), the masked inputs and
+    the results (uint8 (B, 256, 256, 3)), and the milliseconds of the sampling and of the decode."""
+    prepare(args, schedule, vae, labels, flag)
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)
+    with torch.inference_mode():
+        known = known_region(vae, x, regenerate)
+    tokens, result, sample_ms, decode_ms = sample(schedule, vae, labels, args, device, dtype, known=known)
+    masked = np.where(region[None, :, :, None], np.uint8(128), images)
+    return tokens, masked, io.to_uint8(result.float()), sample_ms, decode_ms
+
+
+def write_outputs(output, npz, images, masked, result, tokens, labels, num_classes):
+    """The grid (per image: input, masked input, result) and, when npz is given, the --save_npz file."""
+    io.save_image(io.grid(np.stack([t for triple in zip(images, masked, result) for t in triple]), nrow=3), output)
+    if npz:
+        save_outputs(npz, tokens, labels, result, num_classes)
 
 
 def main():
@@ -78,20 +103,12 @@ def main():
     device, dtype = runtime(args)
     schedule = load_code_schedule(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    prepare(args, schedule, vae, args.class_labels)
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-    regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)
-    with torch.inference_mode(), autocast(device, dtype):
-        tokens, f_hat = generate(schedule, vae, torch.tensor(args.class_labels, device=device), seed=args.seed, cfg=args.cfg,
-                                 top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
-                                 known=known_region(vae, x, regenerate))
-        result = io.to_uint8(vae.decode(f_hat).float())
-    masked = np.where(region[None, :, :, None], np.uint8(128), images)
-    io.save_image(io.grid(np.stack([t for triple in zip(images, masked, result) for t in triple]), nrow=3), args.output)
-    print(f'{len(images)} image(s), classes {describe_classes(args.class_labels, schedule[0].model.num_classes)}: '
+    tokens, masked, result, _, _ = inpaint(schedule, vae, images, region, args.class_labels, args, device, dtype)
+    num_classes = schedule[0].model.num_classes
+    write_outputs(args.output, args.save_npz, images, masked, result, tokens, args.class_labels, num_classes)
+    print(f'{len(images)} image(s), classes {describe_classes(args.class_labels, num_classes)}: '
           f'input, masked input and result saved to {args.output}')
     if args.save_npz:
-        save_outputs(args.save_npz, tokens, args.class_labels, result, schedule[0].model.num_classes)
         print(f'tokens, labels and images saved to {args.save_npz}')
 
 

@@ -37,26 +37,46 @@ def prepare(args, schedule, vae, labels, flag='--class_labels'):
             compile_steps(stage.model)
 
 
+def sample(schedule, vae, labels, args, device, dtype, known=None):
+    """One batch as every script samples it: generate() with args' sampling settings, then the VQVAE
+    decode, under inference mode and autocast. Returns tokens (B, 680), images (B, 3, 256, 256) in
+    [0, 1], and the milliseconds of the sampling and of the decode (utils.timing: CUDA events or
+    perf_counter, synchronised before and after)."""
+    clock = timing.Clock(device)
+    with torch.inference_mode(), autocast(device, dtype):
+        clock.synchronize()
+        clock.mark()
+        tokens, f_hat = generate(schedule, vae, torch.tensor(labels, device=device), seed=args.seed, cfg=args.cfg,
+                                 top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth, known=known)
+        clock.mark()
+        images = vae.decode(f_hat)
+        clock.mark()
+        clock.synchronize()
+    return tokens, images, clock.ms(0, 1), clock.ms(1, 2)
+
+
+def write_outputs(output, npz, tokens, labels, images, num_classes):
+    """The grid PNG (8 per row) and, when npz is given, the --save_npz file; images uint8 (B, 256, 256, 3)."""
+    io.save_image(io.grid(images), output)
+    if npz:
+        save_outputs(npz, tokens, labels, images, num_classes)
+
+
 def run(args, schedule, vae, device, dtype, what):
     """Sample args.class_labels --repeats times (same seed each time, as the reference) and save the last."""
     prepare(args, schedule, vae, args.class_labels)
-    labels = torch.tensor(args.class_labels, device=device)
-    print(f'{what}: batch {len(labels)}, seed {args.seed}, cfg {args.cfg}, device {device}, {str(dtype).removeprefix("torch.")}')
+    print(f'{what}: batch {len(args.class_labels)}, seed {args.seed}, cfg {args.cfg}, device {device}, {str(dtype).removeprefix("torch.")}')
     print(f'classes: {describe_classes(args.class_labels, schedule[0].model.num_classes)}')
     timing.reset_peak_memory(device)
-    with torch.inference_mode(), autocast(device, dtype):
-        for r in range(args.repeats):
-            with timing.Timer(device) as t:
-                tokens, f_hat = generate(schedule, vae, labels, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
-                                         top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
-                images = vae.decode(f_hat)
-            note = ' (includes compilation)' if args.compile and r == 0 else ''
-            print(f'run {r + 1}/{args.repeats}: {t.ms:.0f} ms for {len(labels)} images (VQVAE decode included){note}')
+    for r in range(args.repeats):
+        tokens, images, sample_ms, decode_ms = sample(schedule, vae, args.class_labels, args, device, dtype)
+        note = ' (includes compilation)' if args.compile and r == 0 else ''
+        print(f'run {r + 1}/{args.repeats}: {sample_ms + decode_ms:.0f} ms for {len(args.class_labels)} images '
+              f'(VQVAE decode included){note}')
     mib, kind = timing.peak_memory(device)
     print(f'peak memory: {mib:.0f} MiB ({kind})')
     images = io.to_uint8(images.float())
-    io.save_image(io.grid(images), args.output)
+    write_outputs(args.output, args.save_npz, tokens, args.class_labels, images, schedule[0].model.num_classes)
     print(f'images saved to {args.output}')
     if args.save_npz:
-        save_outputs(args.save_npz, tokens, args.class_labels, images, schedule[0].model.num_classes)
         print(f'tokens, labels and images saved to {args.save_npz}')

@@ -187,8 +187,7 @@ def fit_square(img, size, resample):
 
 
 def load_image(path, size=256):
-    """An image file as RGB uint8 (size, size, 3): shorter side resized to size (bicubic), centre crop.
-    Also returns the file's own (width, height)."""
+    """An image file as RGB uint8 (size, size, 3) (see square_image). Also returns the file's own (width, height)."""
     if os.path.isdir(path):
         raise UserError(f'{path} is a folder; give image files')
     try:
@@ -196,12 +195,17 @@ def load_image(path, size=256):
             img = img.convert('RGB')
     except (OSError, ValueError) as e:
         raise UserError(f'cannot read image {path} ({one_line(e)})') from None
-    return np.asarray(fit_square(img, size, Image.BICUBIC)), img.size
+    return square_image(img, size), img.size
+
+
+def square_image(img, size=256):
+    """A decoded image as the models take it: RGB uint8 (size, size, 3), shorter side resized to size
+    (bicubic), centre crop (an alpha channel is dropped, not composited)."""
+    return np.asarray(fit_square(img.convert('RGB'), size, Image.BICUBIC))
 
 
 def load_mask(path, image_sizes, size=256):
-    """A mask image (white = regenerate) as bool (size, size). It must be size x size, or the size of
-    every input image, in which case it is resized and cropped as they are."""
+    """A mask image (white = regenerate) as bool (size, size) (see square_mask)."""
     if os.path.isdir(path):
         raise UserError(f'--mask {path} is a folder; give the mask image')
     try:
@@ -209,8 +213,14 @@ def load_mask(path, image_sizes, size=256):
             img = img.convert('L')
     except (OSError, ValueError) as e:
         raise UserError(f'cannot read mask {path} ({one_line(e)})') from None
+    return square_mask(img, image_sizes, size, f'--mask {path}')
+
+
+def square_mask(img, image_sizes, size=256, what='the mask'):
+    """A greyscale mask (white = regenerate) as bool (size, size). It must be size x size, or the size of
+    every input image, in which case it is resized and cropped as they are."""
     if img.size != (size, size):
         if any(s != img.size for s in image_sizes):
-            raise UserError(f'--mask {path} is {img.size[0]}x{img.size[1]}; it must be {size}x{size} or the size of every input image')
+            raise UserError(f'{what} is {img.size[0]}x{img.size[1]}; it must be {size}x{size} or the size of every input image')
         img = fit_square(img, size, Image.NEAREST)
     return np.asarray(img) > 127

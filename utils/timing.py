@@ -37,23 +37,6 @@ class Clock:
         return (self.marks[j] - self.marks[i]) * 1000
 
 
-class Timer:
-    """with Timer(device) as t: ...; t.ms is the synchronised wall time of the block."""
-
-    def __init__(self, device):
-        self.clock = Clock(device)
-
-    def __enter__(self):
-        self.clock.synchronize()
-        self.clock.mark()
-        return self
-
-    def __exit__(self, *exc):
-        self.clock.mark()
-        self.clock.synchronize()
-        self.ms = self.clock.ms(0, 1)
-
-
 def reset_peak_memory(device):
     if device.type == 'cuda':
         torch.cuda.empty_cache()
