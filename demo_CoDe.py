@@ -1,8 +1,8 @@
 """A local web demo: CoDe and VAR side by side with their time and memory (tab Generate), and zero-shot
 inpainting, outpainting and class editing by painting the region to regenerate (tab Edit).
 
-    python demo_CoDe.py                                  # the fine-tuned CoDe pair (N=8) on http://127.0.0.1:7860
-    python demo_CoDe.py --training_free                  # official VAR-d30 and VAR-d16: any N, and VAR is VAR-d30 itself
+    python demo_CoDe.py                                  # the fine-tuned CoDe pair (N=8) beside VAR-d30, http://127.0.0.1:7860
+    python demo_CoDe.py --training_free                  # official VAR-d30 and VAR-d16: any N; VAR is the drafter itself
     python demo_CoDe.py --drafter_ckpt A.pth --refiner_ckpt B.pth --vae_ckpt V.pth --port 8080
 
 The models are loaded once and stay on the device; requests take it one at a time. Sampling runs
@@ -27,9 +27,9 @@ from PIL import Image
 
 from inpaint_CoDe import SIZE, finish_region, inpaint
 from inpaint_CoDe import write_outputs as write_edit_outputs
-from models import code_schedule
+from models import Stage, code_schedule
 from utils import io, timing
-from utils.checkpoints import describe_schedule, load_code_schedule, load_vae, vae_path
+from utils.checkpoints import CODE_DRAFTER_DEPTH, describe_schedule, load_code_schedule, load_vae, load_var, vae_path, var_path
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, check_sampling, class_index,
                        comma_list, imagenet_classes, main_guard, runtime)
 from utils.errors import UserError, one_line
@@ -45,6 +45,10 @@ def parser():
     add_code_model_flags(p, draft_steps_max=9)
     add_sampling_flags(p, cfg=4.0, top_k='600', top_p=0.95, temp=CODE_TEMP, labels=None)
     add_runtime_flags(p)
+    p.add_argument('--var_ckpt', default=None,
+                   help='the VAR that "Compare with VAR" runs over all 10 scales (default: the official var_d30.pth from the hub '
+                        'when the drafter is the hub\'s fine-tuned one; otherwise the drafter itself, which with --training_free '
+                        'is the official VAR)')
     g = p.add_argument_group('server')
     g.add_argument('--host', default='127.0.0.1', help='address to serve on (default 127.0.0.1: this machine only; 0.0.0.0: the network)')
     g.add_argument('--port', type=int, default=7860, help='port (default 7860)')
@@ -63,6 +67,14 @@ def check_port(host, port):
         raise UserError(f'cannot serve on {host}:{port} ({one_line(e)}); choose another --port or --host') from None
 
 
+def baseline_path(args):
+    """The file of the VAR compared with, or None for the drafter itself. The hub's fine-tuned drafter is
+    trained for the first scales only: alone it is not VAR-d30, so the official var_d30.pth stands in."""
+    if args.var_ckpt or not (args.training_free or args.schedule or args.drafter_ckpt):
+        return var_path(args.var_ckpt, CODE_DRAFTER_DEPTH, '--var_ckpt')
+    return None
+
+
 def per_scale_text(values):
     """'600' for ten equal values, else the comma list: how the page shows --top_k and --temp."""
     return str(values[0]) if len(set(values)) == 1 else ','.join(map(str, values))
@@ -79,6 +91,8 @@ class Demo:
         self.schedule = load_code_schedule(args, self.device)
         self.vae = load_vae(vae_path(args.vae_ckpt), self.device)
         self.drafter = self.schedule[0].model
+        baseline = baseline_path(args)
+        self.baseline = self.drafter if baseline is None else load_var(baseline, self.device, '--var_ckpt')
         prepare(args, self.schedule, self.vae, [0])  # the checks that need the models (and --compile), once before serving
         # the page's N applies to a drafter/refiner pair; a --schedule is sampled as given
         self.pair = None if args.schedule else (self.drafter, self.schedule[-1].model)
@@ -132,8 +146,8 @@ class Demo:
         return code_schedule(*self.pair, a.draft_steps) if self.pair else self.schedule
 
     def var(self):
-        """VAR: the drafter over all 10 scales, what --draft_steps 10 samples."""
-        return code_schedule(self.drafter, None, VAR_ALONE)
+        """VAR alone over all 10 scales (see baseline_path), what infer_original.py samples."""
+        return [Stage(self.baseline, VAR_ALONE)]
 
     # ------------------------------------------------------------------ the two buttons
 
@@ -230,9 +244,8 @@ class Demo:
             steps = f'**N** (draft steps): the drafter samples the first N scales, the refiner the rest ({weights}).'
         else:
             steps = f'**Schedule** as given: {describe_schedule(self.schedule)}.'
-        fine_tuned = self.pair and not (a.training_free or a.drafter_ckpt)  # the hub's CoDe pair, not VAR-d30's weights
-        var = (f'**VAR**: the drafter alone over all 10 scales ({name(self.drafter)}'
-               + ('; with --training_free, the official VAR-d30' if fine_tuned else '') + ').')
+        var = (f'**VAR**: VAR-d{self.baseline.depth} alone over all 10 scales ({name(self.baseline)}'
+               + (', the drafter itself' if self.baseline is self.drafter else '') + ').')
         compiled = ' With --compile, the first request of each batch size and N includes the compilation.' if a.compile else ''
         return (f'## CoDe: collaborative decoding of VAR\n'
                 f'**Models**: {models}, VQVAE ({name(self.vae)}) on {self.device}, {str(self.dtype).removeprefix("torch.")}.  \n'

@@ -55,7 +55,8 @@ def local(checkpoints):
 @pytest.fixture(scope='module')
 def app(checkpoints, tmp_path_factory):
     port, checkout = free_port(), sorted(os.listdir(ROOT))
-    page = demo_CoDe.launch(demo_CoDe.parser().parse_args(local(checkpoints) + ['--port', str(port)]), block=False)
+    flags = local(checkpoints) + ['--var_ckpt', checkpoints['middle'], '--port', str(port)]  # VAR: a model of its own
+    page = demo_CoDe.launch(demo_CoDe.parser().parse_args(flags), block=False)
     url = f'http://127.0.0.1:{port}/'
     client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path_factory.mktemp('downloads')))
     yield SimpleNamespace(url=url, port=port, client=client)
@@ -101,20 +102,30 @@ def test_generate_gives_infer_codes_images(app, checkpoints, golden, tmp_path):
 
 
 def test_compare_returns_code_and_var_from_the_same_seed(app, checkpoints, tmp_path):
-    """VAR is the drafter over all 10 scales: at infer_original.py's settings it is that script's output with
-    the drafter's weights (whose tokens test_cli.py checks against the reference's); CoDe at N=3 is
-    infer_CoDe.py's --draft_steps 3."""
+    """VAR is --var_ckpt's model over all 10 scales: at infer_original.py's settings it is that script's output
+    with those weights; CoDe at N=3 is infer_CoDe.py's --draft_steps 3."""
     code, var = generate(app, ['0 tench', '999 toilet tissue'], steps=3, compare=True, seed=7, top_k='900', temp='1.0')
     flags = ['--class_labels', '0,999', '--seed', '7', '--vae_ckpt', checkpoints['vae']]
-    var_script, var_grid = script_npz(infer_original, flags + ['--var_ckpt', checkpoints['drafter']], tmp_path, 'var')
+    var_script, var_grid = script_npz(infer_original, flags + ['--var_ckpt', checkpoints['middle']], tmp_path, 'var')
     code_script, code_grid = script_npz(infer_CoDe, flags + ['--drafter_ckpt', checkpoints['drafter'], '--refiner_ckpt',
                                                              checkpoints['refiner'], '--draft_steps', '3', '--top_k', '900',
                                                              '--temp', '1.0'], tmp_path, 'code')
     assert_same(var, var_script, var_grid)
     assert_same(code, code_script, code_grid)
     assert not np.array_equal(var_script['tokens'], code_script['tokens'])
-    assert 'VAR-d2 alone' in var.stats and 'CoDe: VAR-d2 drafts 3 scales' in code.stats
+    assert 'VAR-d1 alone' in var.stats and 'CoDe: VAR-d2 drafts 3 scales' in code.stats
     assert 'x the speed of VAR' in code.stats and 'peak memory' in var.stats
+
+
+def test_the_var_compared_with_is_the_official_one_beside_the_hubs_fine_tuned_pair(monkeypatch):
+    """The hub's fine-tuned drafter is trained for the first scales only: alone it is not VAR-d30."""
+    from utils import checkpoints as ck
+    monkeypatch.setattr(ck, 'download', lambda repo, name, flag: f'{repo}/{name}')
+    path = lambda *flags: demo_CoDe.baseline_path(demo_CoDe.parser().parse_args(list(flags)))
+    assert path() == 'FoundationVision/var/var_d30.pth'
+    assert path('--training_free') is None and path('--drafter_ckpt', 'a.pth', '--refiner_ckpt', 'b.pth') is None
+    assert path('--schedule', 'd30:6,d16') is None
+    assert path('--training_free', '--var_ckpt', 'v.pth') == 'v.pth'
 
 
 @pytest.fixture(scope='module')
