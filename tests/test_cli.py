@@ -21,20 +21,21 @@ from utils import cli
 GOLDEN_LABELS = '992,483,970,609'
 
 
-def run_cli(script, args, tmp_path):
+def run_cli(script, args, tmp_path, capsys):
+    """The script's main() on this command line, in this process (a real process is
+    test_a_real_process_prints_no_traceback's); returns the npz it saved and what it printed."""
     out = tmp_path / 'out.png'
     npz = tmp_path / 'out.npz'
-    r = subprocess.run([sys.executable, str(ROOT / script), *args, '--output', str(out), '--save_npz', str(npz), '--repeats', '1'],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    capsys.readouterr()
+    run_main(script, [*args, '--output', str(out), '--save_npz', str(npz), '--repeats', '1'])
     assert out.exists()
-    return np.load(npz), r.stdout
+    return np.load(npz), capsys.readouterr().out
 
 
-def test_infer_original_reproduces_the_reference(checkpoints, golden, tmp_path):
+def test_infer_original_reproduces_the_reference(checkpoints, golden, tmp_path, capsys):
     """Golden case 0 is the reference infer_original.py's settings on four of its labels."""
-    saved, stdout = run_cli('infer_original.py', ['--var_ckpt', checkpoints['drafter'], '--vae_ckpt', checkpoints['vae'],
-                                                  '--class_labels', GOLDEN_LABELS], tmp_path)
+    saved, stdout = run_cli(infer_original, ['--var_ckpt', checkpoints['drafter'], '--vae_ckpt', checkpoints['vae'],
+                                                  '--class_labels', GOLDEN_LABELS], tmp_path, capsys)
     expected = golden[1]
     assert np.array_equal(saved['tokens'], expected['case0_tokens'])
     assert saved['labels'].tolist() == [992, 483, 970, 609]
@@ -43,10 +44,10 @@ def test_infer_original_reproduces_the_reference(checkpoints, golden, tmp_path):
     assert 'ms for 4 images (VQVAE decode included)' in stdout and 'peak memory' in stdout
 
 
-def test_infer_code_reproduces_the_reference(checkpoints, golden, tmp_path):
+def test_infer_code_reproduces_the_reference(checkpoints, golden, tmp_path, capsys):
     """Golden case 10 is the reference infer_CoDe.py's defaults (N=8, top_k 600, temp 1.1/1.0)."""
-    saved, _ = run_cli('infer_CoDe.py', ['--drafter_ckpt', checkpoints['drafter'], '--refiner_ckpt', checkpoints['refiner'],
-                                         '--vae_ckpt', checkpoints['vae'], '--class_labels', GOLDEN_LABELS], tmp_path)
+    saved, _ = run_cli(infer_CoDe, ['--drafter_ckpt', checkpoints['drafter'], '--refiner_ckpt', checkpoints['refiner'],
+                                         '--vae_ckpt', checkpoints['vae'], '--class_labels', GOLDEN_LABELS], tmp_path, capsys)
     expected = golden[1]
     assert np.array_equal(saved['tokens'], expected['case10_tokens'])
     assert np.abs(saved['images'].astype(int) - expected['case10_image']).max() <= 1

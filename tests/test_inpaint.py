@@ -2,8 +2,6 @@
 (tests/fixtures/expected_inpaint.npz: VQVAE.img_to_idxBl, autoregressive_infer_inpaint, and CoDe's
 autoregressive_inpaint_draft + autoregressive_inpaint_refine on the tiny weights)."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 from PIL import Image
 
 import inpaint_CoDe
-from conftest import FIXTURES, ROOT, run_main, user_error
+from conftest import FIXTURES, run_main, user_error
 from models import Stage, code_schedule, generate
 from models.sampling import known_region
 from utils.io import to_uint8
@@ -113,11 +111,9 @@ def local(checkpoints):
 def test_inpaint_script_reproduces_a_reference_case(checkpoints, pngs, tmp_path):
     case = CASES[1]  # CoDe N=8, the infer_CoDe.py defaults
     out, npz = tmp_path / 'grid.png', tmp_path / 'out.npz'
-    r = subprocess.run([sys.executable, str(ROOT / 'inpaint_CoDe.py'), *local(checkpoints), '--image', *pngs,
-                        '--class_labels', ','.join(map(str, case['labels'])), '--box', ','.join(map(str, case['box'])),
-                        '--seed', str(case['seed']), '--draft_steps', str(case['N']), '--output', str(out), '--save_npz', str(npz)],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    run_main(inpaint_CoDe, [*local(checkpoints), '--image', *pngs, '--class_labels', ','.join(map(str, case['labels'])),
+                            '--box', ','.join(map(str, case['box'])), '--seed', str(case['seed']), '--draft_steps', str(case['N']),
+                            '--output', str(out), '--save_npz', str(npz)])
     saved = np.load(npz)
     assert np.array_equal(saved['tokens'], EXPECTED['case1_tokens'])
     assert np.abs(saved['images'].astype(int) - EXPECTED['case1_image'].astype(int)).max() <= 1
