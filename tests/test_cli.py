@@ -53,7 +53,7 @@ def test_infer_code_reproduces_the_reference(checkpoints, golden, tmp_path, caps
     assert np.abs(saved['images'].astype(int) - expected['case10_image']).max() <= 1
 
 
-def test_grid_png_is_eight_per_row(checkpoints, tmp_path):
+def test_grid_png_is_eight_per_row(checkpoints, tmp_path, cheap_decode):
     from PIL import Image
     out = tmp_path / 'grid.png'
     args = ['--var_ckpt', checkpoints['refiner'], '--vae_ckpt', checkpoints['vae'], '--class_labels', '1,2,3,4,5,6,7,8,9',
@@ -278,7 +278,7 @@ def test_on_a_gpu_compile_samples_the_eager_tokens_and_peak_memory_is_reported(c
     assert np.array_equal(*outs)
 
 
-def test_class_names_select_the_same_classes_as_numbers(checkpoints, tmp_path, capsys):
+def test_class_names_select_the_same_classes_as_numbers(checkpoints, tmp_path, capsys, cheap_decode):
     saved = []
     for labels in ('Golden Retriever,tabby,207', '207,281,207'):
         npz = tmp_path / 'names.npz'
@@ -299,7 +299,7 @@ def tokens_of(script, args, tmp_path, name):
     return np.load(npz)['tokens']
 
 
-def test_schedules_split_like_the_two_model_flags(checkpoints, tmp_path):
+def test_schedules_split_like_the_two_model_flags(checkpoints, tmp_path, cheap_decode):
     """A:8,B is --drafter A --refiner B --draft_steps 8; splitting B's stage in two (B prefills its own
     scales with the same weights) changes nothing; a three-model cascade differs from both."""
     a, b, m, vae = checkpoints['drafter'], checkpoints['refiner'], checkpoints['middle'], ['--vae_ckpt', checkpoints['vae']]

@@ -32,10 +32,7 @@ EXPECTED = np.load(FIXTURES / 'expected_train.npz')
 LAYOUT = json.loads((FIXTURES / 'checkpoint_layout.json').read_text())
 LAYOUTS = {'drafter_d2': dict(depth=2, embed_dim=128, num_heads=2), 'refiner_d1': dict(depth=1, embed_dim=64, num_heads=1)}
 SYNSETS = imagenet_synsets()
-# subprocesses run with the threads of this process (conftest: 2), so their weights equal the in-process runs' bit for bit
-ENV = {**os.environ, 'OMP_NUM_THREADS': str(torch.get_num_threads())}
-# torchrun's processes share the cores, one thread each; they are compared within a tolerance
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
+ENV = dict(os.environ)  # one thread, as this process (conftest), so that their weights equal the in-process runs' bit for bit
 
 
 def build(layout, salt):
@@ -324,7 +321,7 @@ def test_two_processes_under_torchrun_give_the_one_process_weights(files, uninte
     checkpointing. The second process alone gets the non-finite gradient of step 2: both skip the step,
     and (DDP) end with the same weights."""
     root, weights, log, _ = uninterrupted
-    env = {**ONE_THREAD, 'NONFINITE': f'{INJECT_AT}:1', 'NONFINITE_DUMP': str(tmp_path)}
+    env = {**ENV, 'NONFINITE': f'{INJECT_AT}:1', 'NONFINITE_DUMP': str(tmp_path)}
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         str(ROOT / 'tests' / 'nonfinite.py'), *shared_run(files, tmp_path / 'run', root / 'cache', *mode)],
                        capture_output=True, text=True, cwd=ROOT, env=env)

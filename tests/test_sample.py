@@ -20,8 +20,7 @@ from conftest import ROOT, run_main, user_error
 from models import Stage, code_schedule, generate
 
 
-# One thread per process: two would oversubscribe the shared cores.
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+ENV = dict(os.environ)  # one thread per process (conftest): two would oversubscribe the shared cores
 
 
 def local(checkpoints):
@@ -35,13 +34,8 @@ def command(checkpoints, out, *args):
 def sample_here(checkpoints, out, *args):
     """main() in this process (no interpreter start-up to pay), on one thread as the subprocesses;
     returns what it printed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as stdout:
-            run_main(sample_CoDe, [*local(checkpoints), '--output_path', str(out), *args])
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        run_main(sample_CoDe, [*local(checkpoints), '--output_path', str(out), *args])
     return stdout.getvalue()
 
 
