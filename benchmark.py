@@ -173,11 +173,13 @@ def decode_flops(vae, B):
     return counter.get_total_flops()
 
 
-def kv_cache_bytes(schedule, B, dtype):
+def kv_cache_bytes(schedule, B, dtype, growing=False):
     """The largest cache alive at once (each model's is freed before the next allocates):
-    2 (K, V) x 2B x layers x positions x width x element size."""
+    2 (K, V) x 2B x layers x positions x width x element size, the positions being those before the
+    stage's last scale (no later scale reads that one's; see models.var.KVCache). growing: the
+    reference's cache, which keeps every position it ran."""
     size = torch.empty((), dtype=dtype).element_size()
-    return max(2 * 2 * B * m.depth * m.begin_ends[stop - 1][1] * m.C * size for m, stop in schedule)
+    return max(2 * 2 * B * m.depth * m.begin_ends[stop - 1][1 if growing else 0] * m.C * size for m, stop in schedule)
 
 
 def param_bytes(*models):
@@ -246,7 +248,7 @@ def run(args):
                 flops = sampling_flops(schedule, B, vae.Cvae)
                 dflops = decode_flops(vae, B)
                 params = param_bytes(vae, *(m for m, _ in schedule))
-                kv = kv_cache_bytes(schedule, B, torch.float32 if dtype == torch.float32 else dtype)
+                kv = kv_cache_bytes(schedule, B, torch.float32 if dtype == torch.float32 else dtype, growing=path == 'straightforward')
                 r = dict(mode=mode, path=path, batch=B,
                          models=[f'VAR-d{m.depth} scales {0 if i == 0 else schedule[i - 1].stop}-{stop - 1}' for i, (m, stop) in enumerate(schedule)],
                          ms=statistics.median(sample), ms_min=min(sample), ms_max=max(sample),

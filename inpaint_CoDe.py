@@ -63,6 +63,18 @@ def regenerate_region(args, image_sizes):
     return region
 
 
+def inpaint(args, schedule, vae, images_BHW3, region_HW):
+    """Sample the region (True = regenerate) of uint8 images on the device; returns the tokens and the uint8
+    results on the device, without a host sync. Call under inference_mode and the autocast of --dtype."""
+    device = images_BHW3.device
+    x = images_BHW3.permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    regenerate = region_HW[None, None].expand(len(images_BHW3), 1, SIZE, SIZE)
+    tokens, f_hat = generate(schedule, vae, torch.tensor(args.class_labels, device=device), seed=args.seed, cfg=args.cfg,
+                             top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
+                             known=known_region(vae, x, regenerate))
+    return tokens, io.uint8_images(vae.decode(f_hat))
+
+
 def main():
     args = parser().parse_args()
     if len(args.class_labels) != len(args.image):
@@ -78,14 +90,10 @@ def main():
     device, dtype = runtime(args)
     schedule = load_code_schedule(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    prepare(args, schedule, vae, args.class_labels)
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-    regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)
+    prepare(args, schedule, vae, args.class_labels, dtype)
     with torch.inference_mode(), autocast(device, dtype):
-        tokens, f_hat = generate(schedule, vae, torch.tensor(args.class_labels, device=device), seed=args.seed, cfg=args.cfg,
-                                 top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth,
-                                 known=known_region(vae, x, regenerate))
-        result = io.to_uint8(vae.decode(f_hat).float())
+        tokens, result = inpaint(args, schedule, vae, torch.from_numpy(images).to(device), torch.from_numpy(region).to(device))
+    result = result.cpu().numpy()
     masked = np.where(region[None, :, :, None], np.uint8(128), images)
     io.save_image(io.grid(np.stack([t for triple in zip(images, masked, result) for t in triple]), nrow=3), args.output)
     print(f'{len(images)} image(s), classes {describe_classes(args.class_labels, schedule[0].model.num_classes)}: '

@@ -30,10 +30,12 @@ def test_cache_and_logits_equal_a_dense_full_sequence_pass(models, which):
             model.forward_scale(si, x, cond, growing)
             begin, end = model.begin_ends[si]
             torch.testing.assert_close(logits, dense_logits[:, begin:end], rtol=1e-4, atol=1e-4)
+    held = 680 - 16 * 16  # the last scale's keys and values are read by no later scale: not kept
+    assert cache.k.shape[3] == held
     for i in range(model.depth):
-        torch.testing.assert_close(cache.k[i], keys[i], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cache.v[i], values[i], rtol=1e-5, atol=1e-5)
-        assert torch.equal(cache.k[i], growing.k[i]) and torch.equal(cache.v[i], growing.v[i])
+        torch.testing.assert_close(cache.k[i], keys[i][:, :, :held], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v[i], values[i][:, :, :held], rtol=1e-5, atol=1e-5)
+        assert torch.equal(cache.k[i], growing.k[i][:, :, :held]) and torch.equal(cache.v[i], growing.v[i][:, :, :held])
 
 
 SETTINGS = [
@@ -103,11 +105,14 @@ def test_class_projections_are_computed_once_per_sample(models):
 
 
 def test_kv_cache_size_is_what_the_model_needs(models):
-    """2 (K, V) x 2 (CFG) x batch x layers x positions x width x bytes."""
+    """2 (K, V) x 2 (CFG) x batch x layers x positions x width x bytes, the positions being those a later
+    scale of the same model reads: 8 scales hold 1+4+9+16+25+36+64 = 155 (the eighth scale's 10x10 are read by
+    none), 10 hold 680 - 256 = 424, 1 holds none."""
     _, drafter, refiner = models
     B = 3
-    assert drafter.new_cache(2 * B, 8, torch.float32, 'cpu').nbytes == 2 * 2 * B * 2 * 255 * 128 * 4
-    assert refiner.new_cache(2 * B, 10, torch.float16, 'cpu').nbytes == 2 * 2 * B * 1 * 680 * 64 * 2
+    assert drafter.new_cache(2 * B, 8, torch.float32, 'cpu').nbytes == 2 * 2 * B * 2 * 155 * 128 * 4
+    assert refiner.new_cache(2 * B, 10, torch.float16, 'cpu').nbytes == 2 * 2 * B * 1 * 424 * 64 * 2
+    assert drafter.new_cache(2 * B, 1, torch.float32, 'cpu').nbytes == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='host syncs can only be detected on a GPU')

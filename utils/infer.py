@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from models import generate
-from models.var import compile_steps
+from models.var import compile_steps, hold_weights_in
 
 from . import io, timing
 from .cli import autocast, check_labels, check_top_k, check_writable, describe_classes, imagenet_classes
@@ -26,18 +26,29 @@ def save_outputs(path, tokens, labels, images, num_classes):
     io.save_npz(path, tokens=tokens.to(torch.int32).cpu().numpy(), labels=np.asarray(labels, dtype=np.int64), images=images, **names)
 
 
-def prepare(args, schedule, vae, labels, flag='--class_labels'):
-    """The checks that need the loaded models, and --compile: what every sampling script does once."""
+def prepare(args, schedule, vae, labels, dtype, flag='--class_labels'):
+    """What every sampling script does once: the checks that need the loaded models, the VAR weights
+    held in the autocast precision (fp32: unchanged; the VQVAE stays fp32, its encoder runs in fp32
+    for inpainting), --compile."""
     check_labels(labels, schedule[0].model.num_classes, flag)
     check_top_k(args.top_k, vae.vocab_size)
-    if args.compile:
-        for stage in schedule:
-            compile_steps(stage.model)
+    for model in {id(stage.model): stage.model for stage in schedule}.values():
+        hold_weights_in(model, dtype)
+        if args.compile:
+            compile_steps(model)
+
+
+def sample(args, schedule, vae, labels):
+    """The sampling of one run, on the device: tokens (B, 680) and uint8 images (B, 256, 256, 3); no host sync.
+    Call under inference_mode and the autocast of --dtype."""
+    tokens, f_hat = generate(schedule, vae, labels, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
+                             top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
+    return tokens, io.uint8_images(vae.decode(f_hat))
 
 
 def run(args, schedule, vae, device, dtype, what):
     """Sample args.class_labels --repeats times (same seed each time, as the reference) and save the last."""
-    prepare(args, schedule, vae, args.class_labels)
+    prepare(args, schedule, vae, args.class_labels, dtype)
     labels = torch.tensor(args.class_labels, device=device)
     print(f'{what}: batch {len(labels)}, seed {args.seed}, cfg {args.cfg}, device {device}, {str(dtype).removeprefix("torch.")}')
     print(f'classes: {describe_classes(args.class_labels, schedule[0].model.num_classes)}')
@@ -45,14 +56,12 @@ def run(args, schedule, vae, device, dtype, what):
     with torch.inference_mode(), autocast(device, dtype):
         for r in range(args.repeats):
             with timing.Timer(device) as t:
-                tokens, f_hat = generate(schedule, vae, labels, seed=args.seed, cfg=args.cfg, top_k=args.top_k,
-                                         top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
-                images = vae.decode(f_hat)
+                tokens, images = sample(args, schedule, vae, labels)
             note = ' (includes compilation)' if args.compile and r == 0 else ''
             print(f'run {r + 1}/{args.repeats}: {t.ms:.0f} ms for {len(labels)} images (VQVAE decode included){note}')
     mib, kind = timing.peak_memory(device)
     print(f'peak memory: {mib:.0f} MiB ({kind})')
-    images = io.to_uint8(images.float())
+    images = images.cpu().numpy()
     io.save_image(io.grid(images), args.output)
     print(f'images saved to {args.output}')
     if args.save_npz:
