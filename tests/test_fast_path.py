@@ -150,3 +150,39 @@ def test_the_half_precision_path_runs_under_autocast(models, monkeypatch):
     keep = known[1].expand_as(f_hat)
     assert torch.equal(f_hat[keep], known[0][-1][keep])
     assert set(dtypes) == {torch.bfloat16}
+
+
+def test_weights_held_in_bf16_give_autocasts_logits_within_1e_2_of_fp32(models):
+    """hold_weights_in(bf16) keeps in bf16 what autocast casts anyway: under autocast its logits are exactly
+    those of the fp32 weights (autocast's per-call casts), and within 1e-2 relative error (norm-wise) of the
+    fp32 logits. Embeddings, positions and the attention temperature stay fp32; fp32 changes nothing."""
+    from models.var import hold_weights_in
+    _, drafter, _ = models
+    inputs = torch.randn(3, 679, 32, generator=torch.Generator().manual_seed(5))
+    held = copy.deepcopy(drafter)
+    assert hold_weights_in(held, torch.float32) is held and all(p.dtype == torch.float32 for p in held.parameters())
+    hold_weights_in(held, torch.bfloat16)
+    kept = {n for n, p in held.named_parameters() if p.dtype == torch.float32}
+    assert kept == {'class_emb.weight', 'pos_start', 'pos_1LC', 'lvl_embed.weight'} | {f'blocks.{i}.attn.scale_mul_1H11' for i in range(2)}
+    with torch.inference_mode():
+        fp32 = drafter(LABELS, inputs)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            cast, bf16 = drafter(LABELS, inputs), held(LABELS, inputs)
+    assert bf16.shape == fp32.shape == (3, 680, 4096) and torch.equal(bf16, cast)
+    assert ((bf16 - fp32).norm() / fp32.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_on_a_gpu_held_weights_sample_what_autocast_samples(models):
+    """On a GPU in fp16: the VAR weights held in fp16 (the scripts' way) sample the tokens that fp32 weights under
+    fp16 autocast sample."""
+    from models.var import hold_weights_in
+    vae, drafter, refiner = (copy.deepcopy(m).cuda() for m in models)
+    labels = LABELS.cuda()
+    kw = dict(seed=0, cfg=1.5, top_k=600, top_p=0.96)
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16):
+        cast, _ = generate(code_schedule(drafter, refiner, 8), vae, labels, **kw)
+        for m in (drafter, refiner):
+            hold_weights_in(m, torch.float16)
+        held, _ = generate(code_schedule(drafter, refiner, 8), vae, labels, **kw)
+    assert torch.equal(cast, held)
