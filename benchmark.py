@@ -61,8 +61,9 @@ def parser():
     p.add_argument('--simulate', action='store_true',
                    help='no GPU needed: the peak GPU memory of every mode and batch size, on fake CUDA tensors at the real sizes '
                         '(weights are not needed; no timings); default --dtype fp16')
-    p.add_argument('--fit', type=float, default=None, metavar='GB',
-                   help='with --simulate: the largest batch of each mode whose peak, decode included, fits in GB (1e9 bytes)')
+    p.add_argument('--fit', type=comma_list(float, '--fit'), default=None, metavar='GB',
+                   help='with --simulate: the largest batch of each mode whose peak, decode included, fits in GB (1e9 bytes); '
+                        'comma-separated for several, e.g. 24,40,80')
     p.add_argument('--finetune', type=comma_list(str, '--finetune'), default=None, metavar='ROLES',
                    help='with --simulate: fine-tuning memory per GPU instead, for these roles (drafter, refiner, all), under DDP and '
                         'FSDP2, without and with --grad_ckpt, at a per-GPU batch of each --batch_sizes (bf16 autocast)')
@@ -129,10 +130,11 @@ def fake_model(cls, device, seed, **config):
 
 def build(args, device, weights_dtype=torch.float32):
     """The VQVAE and {mode: schedule}; every model is built or loaded once, by name: a depth dNN (random
-    weights, or the official var_dNN.pth) or a checkpoint path. The VAR weights are held in weights_dtype,
-    as the scripts hold them (utils.infer.prepare)."""
+    weights, or the official var_dNN.pth) or a checkpoint path. The weights autocast casts are held in
+    weights_dtype, as the scripts hold them (utils.infer.prepare)."""
     make = fake_model if args.simulate else random_model
     vae = make(VQVAE, device, 0, ch=args.vae_ch) if args.random_weights else load_vae(vae_path(args.vae_ckpt), device)
+    vae.hold_decoder_in(weights_dtype)
     models = {}
 
     def model(spec):
@@ -317,8 +319,8 @@ TIMED = ('ms', 'ms_min', 'ms_max', 'ms_with_decode', 'ms_with_decode_min', 'ms_w
 def check_simulate(args):
     if args.fit is not None and not args.simulate:
         raise UserError('--fit needs --simulate (it simulates many batch sizes)')
-    if args.fit is not None and args.fit <= 0:
-        raise UserError(f'--fit must be > 0 GB, got {args.fit}')
+    if args.fit is not None and min(args.fit) <= 0:
+        raise UserError(f'--fit must be > 0 GB, got {min(args.fit):g}')
     if args.finetune is not None and not args.simulate:
         raise UserError('--finetune needs --simulate')
     if not args.simulate:
@@ -388,10 +390,10 @@ def simulate(args):
                              sampling_split_mib={k: v / MiB for k, v in sampled.items() if k != 'total'})
                     results.append(r)
                     print(f'  simulated {path} {mode} batch {B}: {decoded["total"] / sim.GB:.2f} GB', file=sys.stderr, flush=True)
-                if args.fit:
-                    B = largest_batch(lambda b: peaks(b)[1]['total'], args.fit * sim.GB, known)
-                    fits.append(dict(mode=mode, path=path, fit_gb=args.fit, largest_batch=B, peak_mib=known.get(B, 0) / MiB))
-                    print(f'  {path} {mode}: batch {B} fits in {args.fit:g} GB', file=sys.stderr, flush=True)
+                for gb in args.fit or []:  # the peaks simulated so far guide the next search
+                    B = largest_batch(lambda b: peaks(b)[1]['total'], gb * sim.GB, known)
+                    fits.append(dict(mode=mode, path=path, fit_gb=gb, largest_batch=B, peak_mib=known.get(B, 0) / MiB))
+                    print(f'  {path} {mode}: batch {B} fits in {gb:g} GB', file=sys.stderr, flush=True)
             del vae, schedules
     return dtype, results, fits
 
@@ -507,9 +509,12 @@ def print_simulated(results, fits, dtype):
               f'{gb(part["kv_cache"]):7.2f} {gb(part["rest"]):7.2f} | {gb(r["peak_mib"]):8.2f} {gb(r["params_mib"]):7.2f} '
               f'{gb(r["kv_cache_mib"]):7.2f} {gb(r["running_mib"]):7.2f}')
     if fits:
-        print(f'\nLargest batch whose peak, decode included, fits in {fits[0]["fit_gb"]:g} GB')
-        for f in fits:
-            print(f'{f["mode"]:>{w}} {f["path"]:>15} {f["largest_batch"]:>5} ({gb(f["peak_mib"]):.2f} GB)')
+        sizes = list(dict.fromkeys(f['fit_gb'] for f in fits))
+        print('\nLargest batch whose peak, decode included, fits in (its peak, GB)')
+        print(f'{"mode":>{w}} {"path":>15} | ' + ' '.join(format(f'{size:g} GB', '>15') for size in sizes))
+        for key in dict.fromkeys((f['mode'], f['path']) for f in fits):
+            cells = [next(f for f in fits if (f['mode'], f['path'], f['fit_gb']) == (*key, size)) for size in sizes]
+            print(f'{key[0]:>{w}} {key[1]:>15} | ' + ' '.join(format('%d (%.2f)' % (c['largest_batch'], gb(c['peak_mib'])), '>15') for c in cells))
     print(f'\nNot simulated (a GPU adds them): {sim.LEFT_OUT}.')
 
 

@@ -163,6 +163,17 @@ class VQVAE(nn.Module):
             return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1).add_(1).mul_(0.5)
         return torch.cat([self.decode(part, None) for part in f_hat.split(chunk)])
 
+    def hold_decoder_in(self, dtype):
+        """Hold the decoder's convolutions (and post_quant_conv's) in dtype, the autocast precision the decode runs
+        in: autocast casts them to it at every call anyway, so the images are the same; 0.13 GB less in fp16. The
+        norms stay fp32 (autocast runs them in fp32), and so do the encoder and the quantiser, which inpainting
+        runs in fp32. fp32: a no-op."""
+        if dtype != torch.float32:
+            for m in [self.post_quant_conv] + [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d)]:
+                for p in m.parameters():
+                    p.data = p.data.to(dtype)  # not Module.to, which cannot swap fake tensors (utils/simulate.py)
+        return self
+
     def encode(self, img):
         """Images (B, 3, 256, 256) in [-1, 1] -> (tokens of every scale, f_hat after every scale)."""
         return self.quantize.quantize(self.quant_conv(self.encoder(img)))

@@ -172,6 +172,20 @@ def test_weights_held_in_bf16_give_autocasts_logits_within_1e_2_of_fp32(models):
     assert ((bf16 - fp32).norm() / fp32.norm()).item() < 1e-2
 
 
+def test_a_decoder_held_in_bf16_decodes_what_autocast_decodes():
+    """VQVAE.hold_decoder_in keeps the decoder's convolutions in bf16, the rest fp32: under autocast the images
+    are exactly those of the fp32 decoder (a two-level decoder, 32x32 images: bf16 convolutions crawl on a CPU)."""
+    from models import VQVAE
+    torch.manual_seed(0)
+    vae = VQVAE(ch=32, ch_mult=(1, 2)).eval()
+    held = copy.deepcopy(vae).hold_decoder_in(torch.bfloat16)
+    halves = {n.split('.')[0] for n, p in held.named_parameters() if p.dtype == torch.bfloat16}
+    assert halves == {'decoder', 'post_quant_conv'} and held.decoder.norm_out.weight.dtype == torch.float32
+    f_hat = torch.randn(2, 32, 16, 16)
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(held.decode(f_hat), vae.decode(f_hat))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 def test_on_a_gpu_held_weights_sample_what_autocast_samples(models):
     """On a GPU in fp16: the VAR weights held in fp16 (the scripts' way) sample the tokens that fp32 weights under

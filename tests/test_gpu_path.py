@@ -1,8 +1,8 @@
 """The CUDA code paths at their real sizes (VAR-d30, VAR-d16, the ch-160 VQVAE) on fake CUDA tensors
 (utils/simulate.py), on a machine without a GPU: infer_CoDe.py's and infer_original.py's sampling in fp16
-and bf16 autocast, a sample_CoDe.py batch, inpainting, and a fine-tuning step. A fake run computes no
-values, but it fails where a GPU run would: a CPU tensor in a CUDA computation, a dtype mismatch, and,
-inside no_host_sync(), any read of a value on the host or copy to it while sampling."""
+and bf16 autocast, a sample_CoDe.py batch and inpainting (a fine-tuning step: test_gpu_path_finetune.py). A fake run computes no
+values, but it fails where a GPU run would: a CPU tensor in a CUDA computation, a dtype mismatch, any read of
+a value on the host, and (gpu_checks()) a copy to the host or a matrix product of mixed dtypes while sampling."""
 import pytest
 import torch
 
@@ -14,7 +14,7 @@ from models import VAR, VQVAE, Stage, code_schedule
 from models import var as var_module
 from utils.cli import autocast, check_sampling, runtime
 from utils.infer import prepare, sample
-from utils.simulate import fake_cpu, fake_cuda, no_host_sync
+from utils.simulate import fake_cpu, fake_cuda, gpu_checks
 
 CUDA = torch.device('cuda')
 
@@ -75,12 +75,13 @@ def test_infer_sampling_runs_on_cuda(which, dtype, fake_gpu, caches):
     assert device.type == 'cuda' and torch_dtype == {'fp16': torch.float16, 'bf16': torch.bfloat16}[dtype]
     prepare(args, schedule, vae, args.class_labels, torch_dtype)
     labels = torch.tensor(args.class_labels, device=device)
-    with no_host_sync(), torch.inference_mode(), autocast(device, torch_dtype):
+    with gpu_checks(), torch.inference_mode(), autocast(device, torch_dtype):
         tokens, images = sample(args, schedule, vae, labels)
     assert tokens.shape == (16, 680) and tokens.device.type == 'cuda' and tokens.dtype == torch.int64
     assert images.shape == (16, 256, 256, 3) and images.device.type == 'cuda' and images.dtype == torch.uint8
     for stage in schedule:
         assert held_in(stage.model, torch_dtype) == ({torch_dtype}, torch.float32)
+    assert vae.decoder.conv_in.weight.dtype == torch_dtype and vae.encoder.conv_in.weight.dtype == torch.float32
     positions = [424] if which is infer_original else [155, 424]  # every scale but each model's last (models.var.KVCache)
     assert caches == [(torch_dtype, 'cuda', n) for n in positions]
 
@@ -88,7 +89,7 @@ def test_infer_sampling_runs_on_cuda(which, dtype, fake_gpu, caches):
 def test_sample_code_batch_runs_on_cuda(fake_gpu, caches):
     args, device, dtype, schedule, vae = script_run(sample_CoDe, ['--device', 'cuda', '--output_path', 'unused'], fake_gpu, 10)
     prepare(args, schedule, vae, list(range(32)), dtype, '--classes')
-    with no_host_sync(), torch.inference_mode(), autocast(device, dtype):
+    with gpu_checks(), torch.inference_mode(), autocast(device, dtype):
         images, tokens = sample_CoDe.sample_batch(args, schedule, vae, list(range(32)), 3, device)
     assert images.shape == (32, 256, 256, 3) and images.dtype == torch.uint8 and images.device.type == 'cuda'
     assert tokens.shape == (32, 680) and tokens.dtype == torch.int32 and tokens.device.type == 'cuda'
@@ -101,7 +102,7 @@ def test_inpainting_runs_on_cuda(fake_gpu, caches):
     prepare(args, schedule, vae, args.class_labels, dtype)
     images = torch.zeros(2, 256, 256, 3, dtype=torch.uint8, device=device)
     region = torch.zeros(256, 256, dtype=torch.bool, device=device)
-    with no_host_sync(), torch.inference_mode(), autocast(device, dtype):
+    with gpu_checks(), torch.inference_mode(), autocast(device, dtype):
         tokens, result = inpaint_CoDe.inpaint(args, schedule, vae, images, region)
     assert tokens.shape == (2, 680) and result.shape == (2, 256, 256, 3) and result.device.type == 'cuda'
     assert len(caches) == 2
@@ -119,5 +120,17 @@ def test_a_host_sync_or_a_cpu_tensor_in_the_loop_fails(fake_gpu, monkeypatch):
     for mistake, error in ((lambda t: t.max().item(), 'aten._local_scalar_dense'), (lambda t: t.cpu(), 'copy from the GPU to the host'),
                            (lambda t: t + torch.ones(t.shape[-1], dtype=t.dtype), 'found at least two devices')):
         monkeypatch.setattr(sampling, 'sample_tokens', lambda *a, m=mistake, **k: (m(a[0]), original(*a, **k))[1])
-        with pytest.raises(Exception, match=error), no_host_sync(), torch.inference_mode(), autocast(CUDA, torch.float16):
+        with pytest.raises(Exception, match=error), gpu_checks(), torch.inference_mode(), autocast(CUDA, torch.float16):
             sampling.generate(schedule, vae, labels, seed=0, cfg=1.5, top_k=600, top_p=0.96)
+
+
+def test_code_n8_at_batch_64_stays_within_11_gb(fake_gpu):
+    """The memory the GPU issue set (fp16, batch 64, decode included): CoDe N=8 at most 11 GB, its peak set by the
+    drafter's cache of the 155 positions before its last scale (2 x 128 x 30 blocks x 155 x 1920 x 2 bytes)."""
+    from utils.simulate import sampling_memory
+    vae, d30, d16 = fake_gpu(torch.float16)
+    schedule = code_schedule(d30, d16, 8)
+    prepare(infer_CoDe.parser().parse_args([]), schedule, vae, [0], torch.float16)  # the weights held in fp16, as the scripts hold them
+    sampled, decoded = sampling_memory(schedule, vae, 64, torch.float16)
+    assert decoded['total'] == sampled['total'] <= 11e9, 'the decode, 8 images at a time, never sets the peak'
+    assert decoded['kv_cache'] == 2 * 128 * 30 * 155 * 1920 * 2

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import VAR, VQVAE
 from utils.losses import role_positions
-from utils.simulate import fake_cpu, fake_cuda
+from utils.simulate import fake_cpu, fake_cuda, gpu_checks
 from utils.train import param_groups, step_loss
 
 BF16 = torch.bfloat16
@@ -49,7 +49,8 @@ def test_a_finetuning_step_at_real_size(role, grad_ckpt):
     heads = []
     with fake_cuda():
         student, teacher, vae = real_models('cuda', role)
-        out = loss_of(student, teacher, vae, role, 'cuda', grad_ckpt, heads)
+        with gpu_checks():
+            out = loss_of(student, teacher, vae, role, 'cuda', grad_ckpt, heads)
         assert out.loss.device.type == 'cuda' and out.loss.dtype == torch.float32 and out.loss.requires_grad
         assert (out.kd is None) == (role == 'drafter')
     assert heads == [((2, trained, 4096), BF16)] * (1 if role == 'drafter' else 2)

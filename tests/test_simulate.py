@@ -66,11 +66,11 @@ def test_simulate_reports_the_measured_keys_and_the_fit(tmp_path, capsys):
     small = ['--drafter_depth', '2', '--refiner_depth', '1', '--vae_ch', '32', '--modes', 'original']
     run_main(benchmark, ['--random_weights', '--device', 'cpu', '--repeats', '1', '--warmup', '0', *small, '--batch_sizes', '1',
                          '--json', str(tmp_path / 'm.json')])
-    run_main(benchmark, ['--simulate', *small, '--batch_sizes', '1,8', '--fit', '0.1', '--json', str(tmp_path / 's.json')])
+    run_main(benchmark, ['--simulate', *small, '--batch_sizes', '1,8', '--fit', '0.1,0.5', '--json', str(tmp_path / 's.json')])
     out = capsys.readouterr().out
     assert 'Simulated peak GPU memory' in out and sim.LEFT_OUT in out
     (measured,), report = json.loads((tmp_path / 'm.json').read_text())['results'], json.loads((tmp_path / 's.json').read_text())
-    rows, (fit,) = report['results'], report['fits']
+    rows, (fit, roomier) = report['results'], report['fits']
     assert report['meta']['simulated'] is True and [r['batch'] for r in rows] == [1, 8]
     assert set(measured) <= set(rows[0]) and measured['tflop'] == rows[0]['tflop']
     for r in rows:
@@ -82,6 +82,7 @@ def test_simulate_reports_the_measured_keys_and_the_fit(tmp_path, capsys):
     with sim.fake_cuda():
         vae, schedules = benchmark.build(benchmark.parser().parse_args(['--simulate', '--random_weights', *small]), CUDA, torch.float16)
         assert sim.sampling_memory(schedules['original'], vae, B + 1, torch.float16)[1]['total'] > 0.1e9
+    assert roomier['fit_gb'] == 0.5 and roomier['largest_batch'] > 8 and roomier['peak_mib'] * 2 ** 20 <= 0.5e9
 
 
 @pytest.mark.parametrize('fsdp', [False, True], ids=['ddp', 'fsdp2'])

@@ -27,11 +27,12 @@ def save_outputs(path, tokens, labels, images, num_classes):
 
 
 def prepare(args, schedule, vae, labels, dtype, flag='--class_labels'):
-    """What every sampling script does once: the checks that need the loaded models, the VAR weights
-    held in the autocast precision (fp32: unchanged; the VQVAE stays fp32, its encoder runs in fp32
-    for inpainting), --compile."""
+    """What every sampling script does once: the checks that need the loaded models, the weights that autocast
+    casts held in its precision (the VAR's linear layers, the VQVAE decoder's convolutions; fp32: unchanged),
+    --compile."""
     check_labels(labels, schedule[0].model.num_classes, flag)
     check_top_k(args.top_k, vae.vocab_size)
+    vae.hold_decoder_in(dtype)
     for model in {id(stage.model): stage.model for stage in schedule}.values():
         hold_weights_in(model, dtype)
         if args.compile:

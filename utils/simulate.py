@@ -4,8 +4,8 @@ shape and a dtype, no data), at real sizes, on any machine; a tracker adds up th
 fake_cuda() is the context: tensors made on 'cuda' inside it are fake, and the few places where PyTorch
 asks the driver are answered as a GPU would (see its docstring). Inside it a run checks what a GPU run
 needs: a CPU tensor mixed into a CUDA computation and a dtype mismatch raise as on a GPU, and so does
-anything that reads a value on the host (.item(), nonzero, boolean indexing, .numpy()); no_host_sync()
-also refuses a device-to-host copy (.cpu()).
+anything that reads a value on the host (.item(), nonzero, boolean indexing, .numpy()); gpu_checks()
+also refuses a device-to-host copy (.cpu()) and a matrix product of mixed dtypes, as a GPU would.
 
 MemoryTracker counts every CUDA storage from its creation to its release, rounded up as the caching
 allocator rounds (512 bytes), by kind (parameters, KV cache, the rest). What it leaves out, and a GPU
@@ -34,7 +34,7 @@ LEFT_OUT = ('the caching allocator\'s fragmentation and reserved-but-free blocks
 
 
 class HostSync(RuntimeError):
-    """A device-to-host copy inside no_host_sync()."""
+    """A device-to-host copy inside gpu_checks()."""
 
 
 class _HostGenerator(torch.Generator):
@@ -118,14 +118,21 @@ def fake_cpu():
         yield
 
 
-class no_host_sync(TorchDispatchMode):
-    """Raise HostSync on any copy from the GPU to the host: inside the sampling loop, one would stall the
-    GPU's queue every time. (Reading a value, .item() or nonzero, raises on fake tensors anyway.)"""
+class gpu_checks(TorchDispatchMode):
+    """What a GPU run refuses, or pays for, and fake tensors let pass: a copy from the GPU to the host (HostSync:
+    in the sampling loop each one stalls the GPU's queue; reading a value, .item() or nonzero, raises on fake
+    tensors anyway), and a matrix product of mixed dtypes (cuBLAS refuses it; the fake kernels of mm, addmm
+    and linear do not check)."""
 
-    COPIES = (torch.ops.aten._to_copy, torch.ops.aten.to, torch.ops.aten.copy_, torch.ops.aten._copy_from,
-              torch.ops.aten._copy_from_and_resize)  # every overload (under inference_mode .cpu() is aten.to)
+    aten = torch.ops.aten
+    COPIES = (aten._to_copy, aten.to, aten.copy_, aten._copy_from, aten._copy_from_and_resize)  # all overloads: under inference_mode .cpu() is aten.to
+    PRODUCTS = (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_, aten.addbmm, aten.mv, aten.addmv, aten.dot)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.PRODUCTS:
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            if len(dtypes) > 1:
+                raise TypeError(f'{func}: operands of dtypes {sorted(map(str, dtypes))}, which a GPU refuses')
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in self.COPIES:
             on = lambda tree, device: any(isinstance(t, torch.Tensor) and t.device.type == device for t in tree_flatten(tree)[0])
