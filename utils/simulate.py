@@ -3,8 +3,8 @@ shape and a dtype, no data), at real sizes, on any machine; a tracker adds up th
 
 fake_cuda() is the context: tensors made on 'cuda' inside it are fake, and the few places where PyTorch
 asks the driver are answered as a GPU would (see its docstring). Inside it a run checks what a GPU run
-needs: a CPU tensor mixed into a CUDA computation and a dtype mismatch raise as on a GPU, and so does
-anything that reads a value on the host (.item(), nonzero, boolean indexing, .numpy()); gpu_checks()
+needs: a CPU tensor mixed into a CUDA computation raises as on a GPU, and so do anything that reads a
+value on the host (.item(), nonzero, boolean indexing, .numpy()) and most dtype mismatches; gpu_checks()
 also refuses a device-to-host copy (.cpu()) and a matrix product of mixed dtypes, as a GPU would.
 
 MemoryTracker counts every CUDA storage from its creation to its release, rounded up as the caching
@@ -39,7 +39,7 @@ class HostSync(RuntimeError):
 
 class _HostGenerator(torch.Generator):
     """Stands in for torch.Generator while simulating: a CUDA generator needs the driver. The fake random
-    ops draw nothing, so which generator is passed does not matter (_FakeRandom drops it)."""
+    ops draw nothing, so which generator is passed does not matter (_FakeRandom passes None)."""
 
     def __new__(cls, device='cpu'):
         return super().__new__(cls, 'cpu')
@@ -82,7 +82,7 @@ def _attention_as_on_gpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False
 def _normalize_as_on_cuda(x, p=2.0, dim=1, eps=1e-12, out=None):
     """F.normalize as CUDA's autocast runs it on half-precision input: the norm in fp32 (CPU autocast
     leaves it in half precision). Every other op of the model has the same autocast policy on both
-    devices: tests/test_gpu_path.py compares the dtypes of a forward's ops on fake CUDA and fake CPU."""
+    devices: tests/test_gpu_path_finetune.py compares the dtypes of a forward's ops on fake CUDA and fake CPU."""
     if not torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float16, torch.bfloat16) or out is not None:
         return _NORMALIZE(x, p, dim, eps, out)
     return x / torch.linalg.vector_norm(x, p, dim, keepdim=True, dtype=torch.float32).clamp_min(eps).expand_as(x)
@@ -97,8 +97,8 @@ def fake_cuda():
     makes a host generator whatever device is asked, and attention takes the kernels a GPU picks
     (_attention_as_on_gpu; patched where the models call it, so that a recomputation in backward takes
     them too). Only for simulating: nothing real is computed in here.
-    Autograd cannot run backward on fake CUDA tensors without a driver (torch 2.11+ asks it about the
-    device); fake_cpu() serves training."""
+    Autograd cannot run backward on fake CUDA tensors without a driver (torch 2.14's engine asks it about
+    the device, hasPrimaryContext): fake_cpu() serves training."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(FakeTensorMode())  # first: made while CUDA is said to be there, it would ask the driver
         stack.enter_context(mock.patch.object(torch.cuda, 'is_available', lambda: True))
@@ -164,9 +164,6 @@ class MemoryTracker(TorchDispatchMode):
             yield
         finally:
             self.kind = previous
-
-    def reset_peak(self):
-        self.peak, self.at_peak = sum(self.now.values()), dict(self.now)
 
     def _add(self, t, kind=None):
         if t.device.type != 'cuda':
@@ -260,9 +257,7 @@ def finetune_memory(role, draft_steps, batch, world, fsdp, grad_ckpt, student, t
             with unset_fake_temporarily():
                 model = wrap(student, args, world, torch.device('cpu'))
         else:
-            model = student
-            for p in student.parameters():
-                p.grad = torch.zeros_like(p)  # DDP's buckets
+            model = student  # one process's step; zero_grad(set_to_none=False) keeps the gradients, as DDP's buckets do
         # fused, as on a GPU; under FSDP2 the single-tensor loop, which holds what the fused kernel holds (one
         # parameter's temporaries): fused AdamW on fake CPU DTensors gathers the full tensors, which a GPU does not
         optimizer = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=not fsdp, foreach=False)
@@ -283,7 +278,7 @@ def finetune_memory(role, draft_steps, batch, world, fsdp, grad_ckpt, student, t
                 del out
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 2.0)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=fsdp)
+                optimizer.zero_grad(set_to_none=fsdp)  # the second step's peak has the gradients of the first
                 tracker.reset_mod_stats()
         peak = {str(k).split('.')[-1]: v for k, v in next(iter(tracker.get_tracker_snapshot('peak').values())).items()}
     finally:
