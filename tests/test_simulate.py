@@ -9,7 +9,7 @@ import torch
 
 import benchmark
 import tiny
-from conftest import ROOT, run_main
+from conftest import run_main, user_error
 from models import VAR, VQVAE, Stage, generate
 from models.var import hold_weights_in
 from utils import simulate as sim
@@ -160,3 +160,12 @@ def test_on_a_gpu_the_simulated_peak_is_the_measured_one():
         vae.decode(f_hat)
     measured = torch.cuda.max_memory_allocated() - before
     assert abs(measured - simulated) <= 0.05 * simulated + 256 * 2 ** 20, (measured / 2 ** 20, simulated / 2 ** 20)
+
+
+@pytest.mark.parametrize('args,message', [(['--simulate', '--device', 'cpu'], 'drop --device'), (['--fit', '24'], '--fit needs --simulate'),
+                                          (['--simulate', '--fit', '0'], '--fit must be > 0'),
+                                          (['--simulate', '--schedule', 'my.pth:6,d16'], 'names a checkpoint file'),
+                                          (['--simulate', '--finetune', 'drafter,foo'], '--finetune takes roles'),
+                                          (['--finetune', 'drafter'], '--finetune needs --simulate')])
+def test_simulate_bad_input(args, message, capsys):
+    assert message in user_error(benchmark, args, capsys)
