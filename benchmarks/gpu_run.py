@@ -144,10 +144,12 @@ from benchmark import random_model
 from models import VAR, VQVAE
 from utils.checkpoints import save_var
 os.makedirs({folder!r}, exist_ok=True)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # 2B random numbers: faster drawn on a GPU
 for name, depth in (("drafter", {drafter}), ("refiner", {refiner})):
-    m = random_model(VAR, torch.device("cpu"), depth, depth=depth, embed_dim=64 * depth, num_heads=depth)
-    save_var(m.state_dict(), m, os.path.join({folder!r}, name + ".pth"))
-torch.save(random_model(VQVAE, torch.device("cpu"), 0, ch={ch}).state_dict(), os.path.join({folder!r}, "vae.pth"))
+    m = random_model(VAR, device, depth, depth=depth, embed_dim=64 * depth, num_heads=depth)
+    save_var(m.state_dict(), m, os.path.join({folder!r}, name + ".pth"))  # moved to the host there
+    del m
+torch.save({{k: v.cpu() for k, v in random_model(VQVAE, device, 0, ch={ch}).state_dict().items()}}, os.path.join({folder!r}, "vae.pth"))
 '''
     if run.python('checkpoints', ['-c', code], 300) is None:
         return
