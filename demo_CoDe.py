@@ -6,7 +6,7 @@ inpainting, outpainting and class editing by painting the region to regenerate (
     python demo_CoDe.py --drafter_ckpt A.pth --refiner_ckpt B.pth --vae_ckpt V.pth --port 8080
 
 The models are loaded once and stay on the device; requests take it one at a time. Sampling runs
-through the scripts' own functions (utils.infer.sample, inpaint_CoDe.inpaint), so a page's images are
+through the scripts' own functions (utils.infer.sample, inpaint_CoDe.inpaint_images), so a page's images are
 the images infer_CoDe.py and inpaint_CoDe.py give for the same settings, and its downloads are their
 --save_npz files. The page's settings start at the sampling flags' values.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inpaint_CoDe import SIZE, finish_region, inpaint
+from inpaint_CoDe import SIZE, finish_region, inpaint_images
 from inpaint_CoDe import write_outputs as write_edit_outputs
 from models import Stage, code_schedule
 from utils import io, timing
@@ -33,7 +33,7 @@ from utils.checkpoints import CODE_DRAFTER_DEPTH, describe_schedule, load_code_s
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, check_sampling, class_index,
                        comma_list, imagenet_classes, main_guard, runtime)
 from utils.errors import UserError, one_line
-from utils.infer import prepare, sample, write_outputs
+from utils.infer import prepare, sample, timed, write_outputs
 
 VAR_ALONE = 10  # the draft-steps value that runs the drafter over all scales: plain VAR
 # galleries as tall as their images (Gradio's default keeps 450 px, which leaves most of it blank for a few images)
@@ -93,7 +93,9 @@ class Demo:
         self.drafter = self.schedule[0].model
         baseline = baseline_path(args)
         self.baseline = self.drafter if baseline is None else load_var(baseline, self.device, '--var_ckpt')
-        prepare(args, self.schedule, self.vae, [0])  # the checks that need the models (and --compile), once before serving
+        # the checks that need the models, the weights in --dtype, --compile: once before serving
+        prepare(args, self.schedule, self.vae, [0], self.dtype)
+        prepare(args, self.var(), self.vae, [0], self.dtype)
         # the page's N applies to a drafter/refiner pair; a --schedule is sampled as given
         self.pair = None if args.schedule else (self.drafter, self.schedule[-1].model)
         self.num_classes = self.drafter.num_classes
@@ -107,7 +109,8 @@ class Demo:
         if self.device.type == 'cuda':  # so that the first request's times are not the GPU's start-up
             print('warming up: one image through CoDe and through VAR', flush=True)
             for schedule in (self.code(args), self.var()):
-                self.worker.submit(sample, schedule, self.vae, [0], args, self.device, self.dtype).result()
+                labels_B = torch.tensor([0], device=self.device)
+                self.worker.submit(timed, self.device, self.dtype, lambda clock: sample(args, schedule, self.vae, labels_B, clock=clock)).result()
 
     # ------------------------------------------------------------------ inputs, checked as the scripts check them
 
@@ -163,12 +166,12 @@ class Demo:
 
     def measured(self, a, schedule, labels, folder, name):
         """Sample and decode once, timed and measured as infer_*.py do; write the grid and the npz."""
-        prepare(a, schedule, self.vae, labels, 'classes')
+        prepare(a, schedule, self.vae, labels, self.dtype, 'classes')
         timing.reset_peak_memory(self.device)
-        tokens, images, sample_ms, decode_ms = sample(schedule, self.vae, labels, a, self.device, self.dtype)
+        labels_B = torch.tensor(labels, device=self.device)
+        tokens, images, sample_ms, decode_ms = timed(self.device, self.dtype, lambda clock: sample(a, schedule, self.vae, labels_B, clock=clock))
         mib, kind = timing.peak_memory(self.device)
         kind += ', since the app started' if self.device.type == 'cpu' else ''  # the peak RSS cannot be reset
-        images = io.to_uint8(images.float())
         files = [os.path.join(folder, f'{name}.png'), os.path.join(folder, f'{name}.npz')]
         write_outputs(*files, tokens, labels, images, self.num_classes)
         stats = (f'**{describe_schedule(schedule)}**  \nsampling {sample_ms:.0f} ms, VQVAE decode {decode_ms:.0f} ms '
@@ -204,7 +207,7 @@ class Demo:
             raise UserError(f'one class for the image, got {len(labels)}')
         a = self.settings(steps, seed, cfg, top_k, top_p, temp, more_smooth)
         schedule = self.code(a)
-        tokens, masked, result, sample_ms, decode_ms = inpaint(schedule, self.vae, images, region, labels, a, self.device, self.dtype,
+        tokens, masked, result, sample_ms, decode_ms = inpaint_images(a, schedule, self.vae, images, region, labels, self.device, self.dtype,
                                                                'class')
         folder = self.folder()
         files = [os.path.join(folder, 'edit.png'), os.path.join(folder, 'edit.npz')]

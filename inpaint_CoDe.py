@@ -21,7 +21,7 @@ from utils.checkpoints import load_code_schedule, load_vae, vae_path
 from utils.cli import (CODE_TEMP, REQUIRED, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, check_sampling,
                        check_writable, comma_list, describe_classes, main_guard, runtime)
 from utils.errors import UserError
-from utils.infer import prepare, sample, save_outputs
+from utils.infer import prepare, sample, save_outputs, timed
 
 SIZE = 256
 
@@ -67,18 +67,26 @@ def finish_region(region, invert):
     return region
 
 
-def inpaint(schedule, vae, images, region, labels, args, device, dtype, flag='--class_labels'):
+def inpaint(args, schedule, vae, images_BHW3, region_HW, labels_B, clock=None):
+    """Sample the region (True = regenerate) of uint8 images on the device, one label each; returns the tokens
+    and the uint8 results on the device, without a host sync. Call under inference_mode and the autocast of
+    --dtype (see utils.infer.timed); clock as utils.infer.sample's."""
+    x = images_BHW3.permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    regenerate = region_HW[None, None].expand(len(images_BHW3), 1, SIZE, SIZE)
+    return sample(args, schedule, vae, labels_B, known=known_region(vae, x, regenerate), clock=clock)
+
+
+def inpaint_images(args, schedule, vae, images, region, labels, device, dtype, flag='--class_labels'):
     """What inpaint_CoDe.py (and demo_CoDe.py's Edit tab) does with loaded models: images uint8 (B, 256, 256, 3),
     region bool (256, 256) True where sampled, one label each. Returns tokens (B, 680), the masked inputs and
     the results (uint8 (B, 256, 256, 3)), and the milliseconds of the sampling and of the decode."""
-    prepare(args, schedule, vae, labels, flag)
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-    regenerate = torch.from_numpy(region).to(device)[None, None].expand(len(images), 1, SIZE, SIZE)
-    with torch.inference_mode():
-        known = known_region(vae, x, regenerate)
-    tokens, result, sample_ms, decode_ms = sample(schedule, vae, labels, args, device, dtype, known=known)
+    prepare(args, schedule, vae, labels, dtype, flag)
+    images_BHW3, region_HW = torch.from_numpy(images).to(device), torch.from_numpy(region).to(device)
+    labels_B = torch.tensor(labels, device=device)
+    tokens, result, sample_ms, decode_ms = timed(device, dtype, lambda clock: inpaint(args, schedule, vae, images_BHW3, region_HW,
+                                                                                      labels_B, clock))
     masked = np.where(region[None, :, :, None], np.uint8(128), images)
-    return tokens, masked, io.to_uint8(result.float()), sample_ms, decode_ms
+    return tokens, masked, result, sample_ms, decode_ms
 
 
 def write_outputs(output, npz, images, masked, result, tokens, labels, num_classes):
@@ -103,7 +111,7 @@ def main():
     device, dtype = runtime(args)
     schedule = load_code_schedule(args, device)
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    tokens, masked, result, _, _ = inpaint(schedule, vae, images, region, args.class_labels, args, device, dtype)
+    tokens, masked, result, _, _ = inpaint_images(args, schedule, vae, images, region, args.class_labels, device, dtype)
     num_classes = schedule[0].model.num_classes
     write_outputs(args.output, args.save_npz, images, masked, result, tokens, args.class_labels, num_classes)
     print(f'{len(images)} image(s), classes {describe_classes(args.class_labels, num_classes)}: '

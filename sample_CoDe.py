@@ -217,6 +217,14 @@ def check_disk(folder, remaining_images, total_images, save_png):
                         f'({total_images} images of 256x256{", and their PNGs" if save_png else ""})')
 
 
+def sample_batch(args, schedule, vae, classes, j, device):
+    """Image j of these classes, on the device: uint8 images (B, 256, 256, 3) and int32 tokens (B, 680);
+    no host sync. Call under inference_mode and the autocast of --dtype."""
+    tokens, f_hat = generate(schedule, vae, torch.tensor(classes, device=device), seed=args.seed + j, cfg=args.cfg,
+                             top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
+    return io.uint8_images(vae.decode(f_hat)), tokens.to(torch.int32)
+
+
 def main():
     args = parser().parse_args()
     args.classes = parse_classes(args.classes)
@@ -242,10 +250,10 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     say = print if rank == 0 else (lambda *a, **k: None)
     schedule = load_code_schedule(args, device)  # --draft_steps 10: the drafter alone
     vae = load_vae(vae_path(args.vae_ckpt), device)
-    prepare(args, schedule, vae, args.classes, '--classes')
+    manifest = manifest_of(args, schedule, vae, dtype, device)  # the weights as loaded, before prepare casts them
+    prepare(args, schedule, vae, args.classes, dtype, '--classes')
     batches = plan(args.classes, args.images_per_class, args.batch_size)
     total = len(args.classes) * args.images_per_class
-    manifest = manifest_of(args, schedule, vae, dtype, device)
     check_manifest(folder, manifest)  # every rank checks, so that a refusal stops them all
     if os.path.exists(npz_path):  # finished before, with these settings: never sample it again
         problem = check_npz(npz_path, args.classes, args.images_per_class)
@@ -271,11 +279,8 @@ def sample(args, folder, npz_path, rank, world, device, dtype):
     try:
         with torch.inference_mode(), autocast(device, dtype):
             for j, chunk in todo[rank::world]:  # which process samples a batch does not change it
-                labels = torch.tensor(chunk, device=device)
-                tokens, f_hat = generate(schedule, vae, labels, seed=args.seed + j, cfg=args.cfg, top_k=args.top_k,
-                                         top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
-                writer.put(batch_name(j, chunk[0]), j, chunk, io.to_uint8(vae.decode(f_hat).float()),
-                           tokens.to(torch.int32).cpu().numpy())
+                images, tokens = sample_batch(args, schedule, vae, chunk, j, device)
+                writer.put(batch_name(j, chunk[0]), j, chunk, images.cpu().numpy(), tokens.cpu().numpy())
                 sampled += len(chunk)
                 progress.update(min(len(chunk) * world, total - progress.n))  # other ranks progress alike
     finally:

@@ -27,6 +27,9 @@ class KVCache:
     """Keys and values of every block, allocated once at the size the run needs and written in place.
 
     k, v: (depth, 2B, heads, positions, head_dim); both CFG halves share the batch dimension.
+    positions: those a later scale of the same model reads, so not the last scale's (a model running
+    all 10 scales holds 424 of the 680: the 16x16 scale's 256 would be 38% of the cache); that scale
+    attends to the cached positions and its own, joined for the one block at work (see update).
     """
     attn_mask = None  # a scale sees every cached position
 
@@ -44,6 +47,10 @@ class KVCache:
 
     def update(self, i, begin, end, k, v):
         """Store block i's keys and values of positions begin..end-1; return those of 0..end-1."""
+        if end > self.k.shape[3]:  # the last scale: nothing reads it later, so it is joined, not stored
+            # (in the cache's dtype: under CUDA autocast the normalised keys come in fp32)
+            return (torch.cat((self.k[i, :, :, :begin], k.to(self.k.dtype)), dim=2),
+                    torch.cat((self.v[i, :, :, :begin], v.to(self.v.dtype)), dim=2))
         self.k[i, :, :, begin:end] = k
         self.v[i, :, :, begin:end] = v
         return self.k[i, :, :, :end], self.v[i, :, :, :end]
@@ -99,11 +106,11 @@ class SelfAttention(nn.Module):
         B2, L, C = x.shape
         bias, q_scale = constants
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B2, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        # cosine attention: unit q and k, a learned per-head temperature instead of 1/sqrt(d)
-        q = F.normalize(q, dim=-1).mul(q_scale)
-        k = F.normalize(k, dim=-1)
-        k_all, v_all = cache.update(i, begin, end, k, v)
-        out = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=cache.attn_mask, scale=1.0)
+        # cosine attention: unit q and k, a learned per-head temperature instead of 1/sqrt(d). (CUDA autocast
+        # normalises in fp32: the fp32 copies are made and dropped here, not held through the attention.)
+        k_all, v_all = cache.update(i, begin, end, F.normalize(k, dim=-1), v)
+        q = F.normalize(q, dim=-1).mul(q_scale).to(k_all.dtype)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=cache.attn_mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B2, L, C))
 
 
@@ -251,8 +258,9 @@ class VAR(nn.Module):
         return self.head_logits(x[:, head_begin:], self.head_nm.modulation(cond_BD))
 
     def new_cache(self, batch2, num_scales, dtype, device) -> KVCache:
-        """A cache for both CFG halves and the positions of the first num_scales scales."""
-        positions = self.begin_ends[num_scales - 1][1]
+        """A cache for both CFG halves of a run over the first num_scales scales: the positions of all
+        but the last of them, the only ones a later scale reads."""
+        positions = self.begin_ends[num_scales - 1][0]
         return KVCache(self.depth, batch2, self.num_heads, positions, self.C // self.num_heads, dtype, device)
 
     def forward_scale(self, si, x, cond: Condition, cache):
@@ -263,20 +271,43 @@ class VAR(nn.Module):
         return x
 
     def logits(self, h, cond: Condition):
-        return self.head_logits(h, cond.head)
+        """(2B, l, V) logits of both CFG halves, in the autocast precision under autocast (fp32 otherwise)."""
+        return self.head_logits(h, cond.head, fp32=False)
 
-    def head_logits(self, h, head_modulation):
-        return self.head(self.head_nm(h.float(), head_modulation).float()).float()
+    def head_logits(self, h, head_modulation, fp32=True):
+        logits = self.head(self.head_nm(h.float(), head_modulation).float())
+        return logits.float() if fp32 else logits
 
     def step(self, si, x, cond: Condition, cache, cfg_t=None):
-        """One fixed-shape scale: blocks, head and guidance, (B, pn*pn, V) logits; cfg_t None = prefill
+        """One fixed-shape scale: blocks, head and guidance, (B, pn*pn, V) fp32 logits; cfg_t None = prefill
         (fill the cache only). This is the unit compile() captures, one graph per scale."""
         h = self.forward_scale(si, x, cond, cache)
         if cfg_t is None:
             return None
         logits = self.logits(h, cond)
         B = logits.shape[0] // 2
-        return (1 + cfg_t) * logits[:B] - cfg_t * logits[B:]
+        # guidance (1 + t) * cond - t * uncond in fp32, as the reference computes it (t up to 4 would scale the
+        # rounding of half-precision logits by 9), from the half logits one half at a time: no fp32 copy of
+        # both halves (537 MB at the last scale, batch 64). In fp32 .float() is a view: the in-place mul_
+        # then writes into the logits, which nothing reads afterwards.
+        guided = logits[:B].float() * (1 + cfg_t)
+        return guided.sub_(logits[B:].float().mul_(cfg_t))
+
+
+def hold_weights_in(model: VAR, dtype):
+    """Hold the weights of every linear layer (and the attention's q and v biases, the qkv layer's bias)
+    in dtype, the autocast precision. Autocast casts them to it at every call anyway, and, the models
+    being frozen, keeps no cast copy: held in dtype they give the same results, take half the memory
+    and are not cast at every scale. What stays fp32 is what autocast leaves in fp32: the class,
+    position and level embeddings, which start the residual stream (kept in fp32 between the blocks,
+    as under autocast), and the attention temperature, exponentiated in fp32 (under 0.2% of the weights).
+    fp32 is a no-op: the parity path."""
+    if dtype == torch.float32:
+        return model
+    linear = [p for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()]
+    for p in linear + [p for b in model.blocks for p in (b.attn.q_bias, b.attn.v_bias)]:
+        p.data = p.data.to(dtype)  # in place of Module.to, which cannot swap fake tensors (utils/simulate.py)
+    return model
 
 
 def compile_steps(model: VAR):

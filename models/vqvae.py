@@ -1,9 +1,12 @@
 """VAR's multi-scale VQVAE: a conv encoder/decoder (the latent-diffusion vq-f16 design) around
 the multi-scale quantiser. Module names follow the official checkpoint vae_ch160v4096z32.pth."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .quant import PATCH_NUMS, MultiScaleQuantizer
+
+DECODE_CHUNK = 8  # images decoded at once (VQVAE.decode)
 
 
 def group_norm(channels):
@@ -151,9 +154,25 @@ class VQVAE(nn.Module):
     def derived_buffer_shapes(self):
         return {'quantize.ema_vocab_hit_SV': (len(self.patch_nums), self.vocab_size)}
 
-    def decode(self, f_hat):
-        """Accumulated features (B, Cvae, 16, 16) -> images (B, 3, 256, 256) in [0, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1).add_(1).mul_(0.5)
+    def decode(self, f_hat, chunk=DECODE_CHUNK):
+        """Accumulated features (B, Cvae, 16, 16) -> images (B, 3, 256, 256) in [0, 1], at most chunk
+        images at a time (None: all at once). The decoder's 256x256 activations take about 140 MB per
+        image in half precision (simulated), more than a sampling step needs per image: decoded whole,
+        a batch of 64 would set the run's peak memory with them."""
+        if chunk is None or f_hat.shape[0] <= chunk:
+            return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1).add_(1).mul_(0.5)
+        return torch.cat([self.decode(part, None) for part in f_hat.split(chunk)])
+
+    def hold_decoder_in(self, dtype):
+        """Hold the decoder's convolutions (and post_quant_conv's) in dtype, the autocast precision the decode runs
+        in: autocast casts them to it at every call anyway, so the images are the same; 0.13 GB less in fp16. The
+        norms stay fp32 (autocast runs them in fp32), and so do the encoder and the quantiser, which inpainting
+        runs in fp32. fp32: a no-op."""
+        if dtype != torch.float32:
+            for m in [self.post_quant_conv] + [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d)]:
+                for p in m.parameters():
+                    p.data = p.data.to(dtype)  # not Module.to, which cannot swap fake tensors (utils/simulate.py)
+        return self
 
     def encode(self, img):
         """Images (B, 3, 256, 256) in [-1, 1] -> (tokens of every scale, f_hat after every scale)."""

@@ -244,7 +244,7 @@ def test_compile_captures_every_scale_step_and_samples_the_eager_tokens(models, 
     monkeypatch.setattr(torch, 'compile', compile_eagerly)
     model = copy.deepcopy(refiner)  # the session's models stay uncompiled
     schedule = code_schedule(model, model, 8)  # prefill steps too
-    prepare(SimpleNamespace(compile=True, top_k=[600] * 10), schedule, vae, [1, 2])
+    prepare(SimpleNamespace(compile=True, top_k=[600] * 10), schedule, vae, [1, 2], torch.float32)
     assert seen == [dict(mode='reduce-overhead', fullgraph=True, dynamic=False)]
     kw = dict(seed=0, cfg=1.5, top_k=600, top_p=0.96)
     compiled, _ = generate(schedule, vae, torch.tensor([1, 2]), **kw)

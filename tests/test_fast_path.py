@@ -30,10 +30,12 @@ def test_cache_and_logits_equal_a_dense_full_sequence_pass(models, which):
             model.forward_scale(si, x, cond, growing)
             begin, end = model.begin_ends[si]
             torch.testing.assert_close(logits, dense_logits[:, begin:end], rtol=1e-4, atol=1e-4)
+    held = 680 - 16 * 16  # the last scale's keys and values are read by no later scale: not kept
+    assert cache.k.shape[3] == held
     for i in range(model.depth):
-        torch.testing.assert_close(cache.k[i], keys[i], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cache.v[i], values[i], rtol=1e-5, atol=1e-5)
-        assert torch.equal(cache.k[i], growing.k[i]) and torch.equal(cache.v[i], growing.v[i])
+        torch.testing.assert_close(cache.k[i], keys[i][:, :, :held], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v[i], values[i][:, :, :held], rtol=1e-5, atol=1e-5)
+        assert torch.equal(cache.k[i], growing.k[i][:, :, :held]) and torch.equal(cache.v[i], growing.v[i][:, :, :held])
 
 
 SETTINGS = [
@@ -103,11 +105,14 @@ def test_class_projections_are_computed_once_per_sample(models):
 
 
 def test_kv_cache_size_is_what_the_model_needs(models):
-    """2 (K, V) x 2 (CFG) x batch x layers x positions x width x bytes."""
+    """2 (K, V) x 2 (CFG) x batch x layers x positions x width x bytes, the positions being those a later
+    scale of the same model reads: 8 scales hold 1+4+9+16+25+36+64 = 155 (the eighth scale's 10x10 are read by
+    none), 10 hold 680 - 256 = 424, 1 holds none."""
     _, drafter, refiner = models
     B = 3
-    assert drafter.new_cache(2 * B, 8, torch.float32, 'cpu').nbytes == 2 * 2 * B * 2 * 255 * 128 * 4
-    assert refiner.new_cache(2 * B, 10, torch.float16, 'cpu').nbytes == 2 * 2 * B * 1 * 680 * 64 * 2
+    assert drafter.new_cache(2 * B, 8, torch.float32, 'cpu').nbytes == 2 * 2 * B * 2 * 155 * 128 * 4
+    assert refiner.new_cache(2 * B, 10, torch.float16, 'cpu').nbytes == 2 * 2 * B * 1 * 424 * 64 * 2
+    assert drafter.new_cache(2 * B, 1, torch.float32, 'cpu').nbytes == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='host syncs can only be detected on a GPU')
@@ -145,3 +150,53 @@ def test_the_half_precision_path_runs_under_autocast(models, monkeypatch):
     keep = known[1].expand_as(f_hat)
     assert torch.equal(f_hat[keep], known[0][-1][keep])
     assert set(dtypes) == {torch.bfloat16}
+
+
+def test_weights_held_in_bf16_give_autocasts_logits_within_1e_2_of_fp32(models):
+    """hold_weights_in(bf16) keeps in bf16 what autocast casts anyway: under autocast its logits are exactly
+    those of the fp32 weights (autocast's per-call casts), and within 1e-2 relative error (norm-wise) of the
+    fp32 logits. Embeddings, positions and the attention temperature stay fp32; fp32 changes nothing."""
+    from models.var import hold_weights_in
+    _, drafter, _ = models
+    inputs = torch.randn(3, 679, 32, generator=torch.Generator().manual_seed(5))
+    held = copy.deepcopy(drafter)
+    assert hold_weights_in(held, torch.float32) is held and all(p.dtype == torch.float32 for p in held.parameters())
+    hold_weights_in(held, torch.bfloat16)
+    kept = {n for n, p in held.named_parameters() if p.dtype == torch.float32}
+    assert kept == {'class_emb.weight', 'pos_start', 'pos_1LC', 'lvl_embed.weight'} | {f'blocks.{i}.attn.scale_mul_1H11' for i in range(2)}
+    with torch.inference_mode():
+        fp32 = drafter(LABELS, inputs)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            cast, bf16 = drafter(LABELS, inputs), held(LABELS, inputs)
+    assert bf16.shape == fp32.shape == (3, 680, 4096) and torch.equal(bf16, cast)
+    assert ((bf16 - fp32).norm() / fp32.norm()).item() < 1e-2
+
+
+def test_a_decoder_held_in_bf16_decodes_what_autocast_decodes():
+    """VQVAE.hold_decoder_in keeps the decoder's convolutions in bf16, the rest fp32: under autocast the images
+    are exactly those of the fp32 decoder (a two-level decoder, 32x32 images: bf16 convolutions crawl on a CPU)."""
+    from models import VQVAE
+    torch.manual_seed(0)
+    vae = VQVAE(ch=32, ch_mult=(1, 2)).eval()
+    held = copy.deepcopy(vae).hold_decoder_in(torch.bfloat16)
+    halves = {n.split('.')[0] for n, p in held.named_parameters() if p.dtype == torch.bfloat16}
+    assert halves == {'decoder', 'post_quant_conv'} and held.decoder.norm_out.weight.dtype == torch.float32
+    f_hat = torch.randn(2, 32, 16, 16)
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(held.decode(f_hat), vae.decode(f_hat))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_on_a_gpu_held_weights_sample_what_autocast_samples(models):
+    """On a GPU in fp16: the VAR weights held in fp16 (the scripts' way) sample the tokens that fp32 weights under
+    fp16 autocast sample."""
+    from models.var import hold_weights_in
+    vae, drafter, refiner = (copy.deepcopy(m).cuda() for m in models)
+    labels = LABELS.cuda()
+    kw = dict(seed=0, cfg=1.5, top_k=600, top_p=0.96)
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16):
+        cast, _ = generate(code_schedule(drafter, refiner, 8), vae, labels, **kw)
+        for m in (drafter, refiner):
+            hold_weights_in(m, torch.float16)
+        held, _ = generate(code_schedule(drafter, refiner, 8), vae, labels, **kw)
+    assert torch.equal(cast, held)

@@ -105,7 +105,8 @@ def test_draft_steps_ten_is_the_drafter_alone(models):
 
 
 def test_each_model_caches_only_the_positions_it_needs(models, monkeypatch):
-    """Drafter: the first N scales' positions; refiner: all 680; both CFG halves; never two at once."""
+    """Drafter: the positions of its first N - 1 scales (its N-th is read by no later scale of its own);
+    refiner: 680 - 256, all but the last scale's; both CFG halves; never two at once."""
     vae, drafter, refiner = models
     from models import var as var_module
     made, alive = [], []
@@ -120,7 +121,7 @@ def test_each_model_caches_only_the_positions_it_needs(models, monkeypatch):
 
     monkeypatch.setattr(var_module.KVCache, '__init__', record)
     generate(code_schedule(drafter, refiner, 8), vae, torch.tensor([1, 2, 3]), seed=0, cfg=1.5, top_k=600, top_p=0.96)
-    assert made == [(2, 6, 255, 128, 0), (1, 6, 680, 64, 0)]
+    assert made == [(2, 6, 155, 128, 0), (1, 6, 424, 64, 0)]
 
 
 def test_cfg_zero_ignores_the_unconditional_half(models):

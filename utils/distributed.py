@@ -6,9 +6,10 @@ import torch.distributed as dist
 
 
 def setup(device):
-    """(rank, world_size, device): under torchrun each process takes the GPU of its LOCAL_RANK."""
+    """(rank, world_size, device): under torchrun each process takes the GPU of its LOCAL_RANK, and the process
+    group starts even for one process (so torchrun --nproc_per_node=1 runs NCCL as eight processes would)."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world == 1:
+    if world == 1 and 'TORCHELASTIC_RUN_ID' not in os.environ:
         return 0, 1, device
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if device.type == 'cuda':

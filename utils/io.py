@@ -79,9 +79,15 @@ def check_same_settings(path, settings, what, advice, reasons=None):
     return True
 
 
+def uint8_images(images_B3HW):
+    """Images in [0, 1] -> uint8 (B, H, W, 3) on their device, truncated as the reference writes its PNGs
+    (x * 255, cast)."""
+    return images_B3HW.float().mul(255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
 def to_uint8(images_B3HW):
-    """Images in [0, 1] -> uint8 (B, H, W, 3), truncated as the reference writes its PNGs (x * 255, cast)."""
-    return images_B3HW.mul(255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+    """uint8_images as a numpy array."""
+    return uint8_images(images_B3HW).cpu().numpy()
 
 
 def grid(images_BHW3, nrow=8):
