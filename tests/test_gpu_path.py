@@ -14,7 +14,7 @@ from models import VAR, VQVAE, Stage, code_schedule
 from models import var as var_module
 from utils.cli import autocast, check_sampling, runtime
 from utils.infer import prepare, sample
-from utils.simulate import fake_cpu, fake_cuda, gpu_checks
+from utils.simulate import fake_cuda, gpu_checks
 
 CUDA = torch.device('cuda')
 
@@ -103,7 +103,7 @@ def test_inpainting_runs_on_cuda(fake_gpu, caches):
     images = torch.zeros(2, 256, 256, 3, dtype=torch.uint8, device=device)
     region = torch.zeros(256, 256, dtype=torch.bool, device=device)
     with gpu_checks(), torch.inference_mode(), autocast(device, dtype):
-        tokens, result = inpaint_CoDe.inpaint(args, schedule, vae, images, region)
+        tokens, result = inpaint_CoDe.inpaint(args, schedule, vae, images, region, torch.tensor(args.class_labels, device=device))
     assert tokens.shape == (2, 680) and result.shape == (2, 256, 256, 3) and result.device.type == 'cuda'
     assert len(caches) == 2
 

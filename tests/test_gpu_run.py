@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -30,7 +28,7 @@ def test_smoke_runs_every_step_and_writes_the_figures(tmp_path):
     assert [(f['role'], f['grad_ckpt']) for f in report['finetune']] == [(role, c) for role in ('drafter', 'refiner') for c in (False, True)]
     assert all(f['images_per_s'] > 0 for f in report['finetune'])
     assert report['side_by_side'] == [], 'no GPU: no measured peak to put beside the simulated'
-    assert (out / 'summary.txt').read_text().startswith(f'gpu_run smoke in ') and '9 of 9 steps ok' in (out / 'summary.txt').read_text()
+    assert (out / 'summary.txt').read_text().startswith('gpu_run smoke in ') and '9 of 9 steps ok' in (out / 'summary.txt').read_text()
 
 
 def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):

@@ -39,7 +39,7 @@ def test_sampling_split_is_the_models_and_the_cache_formula(models):
     peak: the one cache alive, as benchmark.kv_cache_bytes counts it; held in fp16, the VAR weights halve."""
     with sim.fake_cuda():
         with CUDA:
-            vae, drafter, refiner = tiny.tiny_vae(), tiny.tiny_drafter(), tiny.tiny_refiner()
+            vae, drafter = tiny.tiny_vae(), tiny.tiny_drafter()
         rounded = lambda m: sum(-(-t.untyped_storage().nbytes() // 512) * 512 for t in list(m.parameters()) + list(m.buffers()))
         fp32 = rounded(vae) + rounded(drafter)
         for dtype in (torch.float32, torch.float16):
