@@ -332,7 +332,7 @@ def test_two_processes_under_torchrun_give_the_one_process_weights(files, uninte
     assert numbers(a['loss'] for a in read_log(tmp_path / 'run')) == pytest.approx(numbers(b['loss'] for b in log), rel=1e-5,
                                                                                 nan_ok=True)
     if not mode:
-        assert_same_weights(torch.load(tmp_path / 'rank0.pth'), torch.load(tmp_path / 'rank1.pth'))
+        assert_same_weights(torch.load(tmp_path / 'rank0.pth', weights_only=True), torch.load(tmp_path / 'rank1.pth', weights_only=True))
 
 
 def test_gradient_accumulation_and_checkpointing_change_nothing_but_memory(files, uninterrupted, tmp_path, monkeypatch):

@@ -303,7 +303,6 @@ def test_a_batch_counts_as_done_only_once_its_tokens_are_saved(checkpoints, caps
 # Every flag of sample_CoDe.py, and what changing it on a rerun in the same DIR does: 'refused' (it changes
 # the samples, so the manifest keeps it), or 'accepted' (it does not). A flag added without a decision
 # here fails test_every_flag_has_a_resume_decision.
-OTHER = '{other}'  # a checkpoint of other weights (the middle model, or a VQVAE with other weights)
 RESUME = {
     'draft_steps': ('refused', ['--draft_steps', '6']),
     'seed': ('refused', ['--seed', '11']),
