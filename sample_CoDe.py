@@ -21,13 +21,13 @@ import time
 import numpy as np
 import torch
 
-from models import generate
 from utils import distributed, io, timing
 from utils.checkpoints import describe_schedule, load_code_schedule, load_vae, vae_path, weights_digest
 from utils.cli import (CODE_TEMP, Parser, add_code_model_flags, add_runtime_flags, add_sampling_flags, autocast, check_folder_writable,
                        check_labels, check_sampling, main_guard, runtime)
 from utils.errors import UserError, one_line
 from utils.infer import prepare
+from utils.infer import sample as sample_one  # sample() is this script's own loop
 
 IMAGE_BYTES = 256 * 256 * 3
 
@@ -220,9 +220,8 @@ def check_disk(folder, remaining_images, total_images, save_png):
 def sample_batch(args, schedule, vae, classes, j, device):
     """Image j of these classes, on the device: uint8 images (B, 256, 256, 3) and int32 tokens (B, 680);
     no host sync. Call under inference_mode and the autocast of --dtype."""
-    tokens, f_hat = generate(schedule, vae, torch.tensor(classes, device=device), seed=args.seed + j, cfg=args.cfg,
-                             top_k=args.top_k, top_p=args.top_p, temp=args.temp, more_smooth=args.more_smooth)
-    return io.uint8_images(vae.decode(f_hat)), tokens.to(torch.int32)
+    tokens, images = sample_one(args, schedule, vae, torch.tensor(classes, device=device), seed=args.seed + j)
+    return images, tokens.to(torch.int32)
 
 
 def main():

@@ -220,7 +220,7 @@ def test_sampling_runs_under_autocast_in_the_chosen_dtype(checkpoints, capsys, t
     def spy(*args, **kwargs):  # then Ctrl-C, to spare the sampling
         seen.append((torch.is_autocast_enabled('cpu'), (torch.ones(2, 2) @ torch.ones(2, 2)).dtype))
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample_CoDe, 'generate', spy)
+    monkeypatch.setattr(sample_CoDe, 'sample_one', spy)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_main(sample_CoDe, local(checkpoints) + ['--output_path', str(tmp_path / 'run'), '--classes', '3', '--images_per_class', '1',

@@ -41,14 +41,15 @@ def prepare(args, schedule, vae, labels, dtype, flag='--class_labels'):
             compile_steps(model)
 
 
-def sample(args, schedule, vae, labels_B, known=None, clock=None):
+def sample(args, schedule, vae, labels_B, known=None, clock=None, seed=None):
     """One batch as every script samples it, on the device and without a host sync: generate() with args'
-    sampling settings, then the VQVAE decode. Returns tokens (B, 680) and uint8 images (B, 256, 256, 3) on
-    the device. Call under inference_mode and --dtype's autocast (see timed). A clock (utils.timing.Clock)
-    is marked before the sampling, between it and the decode, and after."""
+    sampling settings (seed: args.seed unless given), then the VQVAE decode. Returns tokens (B, 680) and
+    uint8 images (B, 256, 256, 3) on the device. Call under inference_mode and --dtype's autocast (see
+    timed). A clock (utils.timing.Clock) is marked before the sampling, between it and the decode, and after."""
     marks = clock.mark if clock else lambda: None
     marks()
-    tokens, f_hat = generate(schedule, vae, labels_B, seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+    seed = args.seed if seed is None else seed
+    tokens, f_hat = generate(schedule, vae, labels_B, seed=seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                              temp=args.temp, more_smooth=args.more_smooth, known=known)
     marks()
     images = io.uint8_images(vae.decode(f_hat))

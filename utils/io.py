@@ -192,15 +192,20 @@ def fit_square(img, size, resample):
     return img.crop((left, top, left + size, top + size))
 
 
-def load_image(path, size=256):
-    """An image file as RGB uint8 (size, size, 3) (see square_image). Also returns the file's own (width, height)."""
+def open_image(path, mode, what, folder_hint):
+    """An image file decoded into PIL mode ('RGB', 'L'); a folder or an unreadable file is one line."""
     if os.path.isdir(path):
-        raise UserError(f'{path} is a folder; give image files')
+        raise UserError(f'{path} is a folder; {folder_hint}')
     try:
         with Image.open(path) as img:
-            img = img.convert('RGB')
+            return img.convert(mode)
     except (OSError, ValueError) as e:
-        raise UserError(f'cannot read image {path} ({one_line(e)})') from None
+        raise UserError(f'cannot read {what} {path} ({one_line(e)})') from None
+
+
+def load_image(path, size=256):
+    """An image file as RGB uint8 (size, size, 3) (see square_image). Also returns the file's own (width, height)."""
+    img = open_image(path, 'RGB', 'image', 'give image files')
     return square_image(img, size), img.size
 
 
@@ -212,13 +217,7 @@ def square_image(img, size=256):
 
 def load_mask(path, image_sizes, size=256):
     """A mask image (white = regenerate) as bool (size, size) (see square_mask)."""
-    if os.path.isdir(path):
-        raise UserError(f'--mask {path} is a folder; give the mask image')
-    try:
-        with Image.open(path) as img:
-            img = img.convert('L')
-    except (OSError, ValueError) as e:
-        raise UserError(f'cannot read mask {path} ({one_line(e)})') from None
+    img = open_image(path, 'L', 'mask', 'give the mask image')
     return square_mask(img, image_sizes, size, f'--mask {path}')
 
 
